@@ -1,0 +1,726 @@
+"""Go `encoding/gob`, as much of it as Weave Net puts on the wire.
+
+Schemas describe Go types (`StructType`, `SliceType`, `MapType`, `ArrayType` and the
+built-ins); values are plain Python data. An `Encoder` is one gob stream: it sends each
+type's definition the first time a value needs it, numbering types the way a Go process
+would (a struct before its fields, a slice or map after its element). A `Decoder` reads
+one stream and keeps the definitions it meets; it never trusts a length, count or id
+from the input, and raises only `GobError`.
+
+Decoded structs are `GobStruct`s. Absent map fields decode as None (Go's nil map) and
+absent `Field(optional=True)` structs (Go pointers) as None, so that re-encoding what was
+decoded gives Go's bytes.
+"""
+
+from __future__ import annotations
+
+import struct as _struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.errors import GobError
+
+__all__ = [
+    "BOOL", "INT", "UINT", "FLOAT", "BYTES", "STRING", "COMPLEX",
+    "Builtin", "SliceType", "ArrayType", "MapType", "StructType", "Field", "GobType", "GobStruct",
+    "STRING_MAP", "Encoder", "Decoder", "encode", "encode_stream", "decode_all",
+    "encode_uint", "decode_uint", "encode_int", "decode_int", "GobError",
+]
+
+_MAX_UINT = (1 << 64) - 1
+_MIN_INT = -(1 << 63)
+_MAX_INT = (1 << 63) - 1
+_FIRST_USER_ID = 64
+# Nesting deeper than this is not something Weave sends; refusing it keeps a hostile
+# stream from exhausting the Python stack.
+_MAX_DEPTH = 64
+
+
+# ---------------------------------------------------------------- schemas
+
+
+@dataclass(frozen=True)
+class Builtin:
+    id: int
+    name: str
+
+    def __repr__(self) -> str:
+        return self.name.upper()
+
+
+BOOL = Builtin(1, "bool")
+INT = Builtin(2, "int")
+UINT = Builtin(3, "uint")
+FLOAT = Builtin(4, "float")
+BYTES = Builtin(5, "[]byte")
+STRING = Builtin(6, "string")
+COMPLEX = Builtin(7, "complex")
+_BUILTINS = {b.id: b for b in (BOOL, INT, UINT, FLOAT, BYTES, STRING, COMPLEX)}
+_INTERFACE_ID = 8
+
+
+@dataclass(frozen=True)
+class SliceType:
+    elem: GobType
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ArrayType:
+    elem: GobType
+    length: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class MapType:
+    key: GobType
+    elem: GobType
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: GobType
+    # A Go pointer to a struct: None (nil) is omitted instead of sent as a zero struct.
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class StructType:
+    name: str
+    fields: tuple[Field, ...] = field(default_factory=tuple)
+
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+
+GobType = Builtin | SliceType | ArrayType | MapType | StructType
+
+STRING_MAP = MapType(STRING, STRING)
+
+
+class GobStruct(Mapping[str, Any]):
+    """A decoded struct value: a read-only, hashable mapping of field name to value."""
+
+    __slots__ = ("_name", "_fields", "_hash")
+
+    def __init__(self, name: str, fields: dict[str, Any]) -> None:
+        self._name = name
+        self._fields = fields
+        self._hash: int | None = None
+
+    @property
+    def type_name(self) -> str:
+        return self._name
+
+    def __getitem__(self, key: str) -> Any:
+        return self._fields[key]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._fields[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(tuple((k, _hashable(v)) for k, v in self._fields.items()))
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return dict(self._fields) == dict(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._fields.items())
+        return f"{self._name or 'struct'}({inner})"
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((_hashable(k), _hashable(v)) for k, v in value.items())
+    return value
+
+
+# ------------------------------------------------------ the definition types
+# Go predefines the types that describe types (ids 16-23). Expressing them as ordinary
+# schemas lets one struct codec encode and decode definitions as well as values.
+
+_COMMON_TYPE = StructType("CommonType", (Field("Name", STRING), Field("Id", INT)))
+_ARRAY_TYPE = StructType(
+    "arrayType", (Field("CommonType", _COMMON_TYPE), Field("Elem", INT), Field("Len", INT))
+)
+_SLICE_TYPE = StructType("sliceType", (Field("CommonType", _COMMON_TYPE), Field("Elem", INT)))
+_FIELD_TYPE = StructType("fieldType", (Field("Name", STRING), Field("Id", INT)))
+_FIELD_SLICE = SliceType(_FIELD_TYPE)
+_STRUCT_TYPE = StructType("structType", (Field("CommonType", _COMMON_TYPE), Field("Field", _FIELD_SLICE)))
+_MAP_TYPE = StructType(
+    "mapType", (Field("CommonType", _COMMON_TYPE), Field("Key", INT), Field("Elem", INT))
+)
+_GOB_ENCODER_TYPE = StructType("gobEncoderType", (Field("CommonType", _COMMON_TYPE),))
+_WIRE_TYPE = StructType(
+    "wireType",
+    (
+        Field("ArrayT", _ARRAY_TYPE, optional=True),
+        Field("SliceT", _SLICE_TYPE, optional=True),
+        Field("StructT", _STRUCT_TYPE, optional=True),
+        Field("MapT", _MAP_TYPE, optional=True),
+        Field("GobEncoderT", _GOB_ENCODER_TYPE, optional=True),
+        Field("BinaryMarshalerT", _GOB_ENCODER_TYPE, optional=True),
+        Field("TextMarshalerT", _GOB_ENCODER_TYPE, optional=True),
+    ),
+)
+# gobEncoderType's id is internal to Go (never referenced on the wire); 24 is ours.
+_PREDEFINED: dict[GobType, int] = {
+    _WIRE_TYPE: 16,
+    _ARRAY_TYPE: 17,
+    _COMMON_TYPE: 18,
+    _SLICE_TYPE: 19,
+    _STRUCT_TYPE: 20,
+    _FIELD_TYPE: 21,
+    _FIELD_SLICE: 22,
+    _MAP_TYPE: 23,
+    _GOB_ENCODER_TYPE: 24,
+}
+
+
+# ---------------------------------------------------------------- integers
+
+
+def encode_uint(x: int) -> bytes:
+    if x < 0x80:
+        if x < 0:
+            raise GobError(f"cannot encode negative value {x} as gob uint")
+        return bytes((x,))
+    if x > _MAX_UINT:
+        raise GobError(f"value {x} does not fit in a gob uint (64 bits)")
+    n = (x.bit_length() + 7) // 8
+    return bytes((256 - n,)) + x.to_bytes(n, "big")
+
+
+def encode_int(i: int) -> bytes:
+    if not _MIN_INT <= i <= _MAX_INT:
+        raise GobError(f"value {i} does not fit in a gob int (64 bits)")
+    return encode_uint(i << 1 if i >= 0 else ((~i) << 1) | 1)
+
+
+def decode_uint(buf: bytes | memoryview, pos: int, end: int | None = None) -> tuple[int, int]:
+    if end is None:
+        end = len(buf)
+    if pos >= end:
+        raise GobError("truncated input: expected an unsigned integer")
+    c = buf[pos]
+    if c < 0x80:
+        return c, pos + 1
+    n = 256 - c
+    if n > 8:
+        raise GobError(f"encoded unsigned integer out of range (length byte {c:#04x})")
+    if pos + 1 + n > end:
+        raise GobError(f"truncated input: unsigned integer needs {n} bytes, {end - pos - 1} left")
+    return int.from_bytes(buf[pos + 1 : pos + 1 + n], "big"), pos + 1 + n
+
+
+def decode_int(buf: bytes | memoryview, pos: int, end: int | None = None) -> tuple[int, int]:
+    u, pos = decode_uint(buf, pos, end)
+    return (~(u >> 1) if u & 1 else u >> 1), pos
+
+
+def _float_bits(f: float) -> int:
+    return int.from_bytes(_struct.pack("<d", f), "big")
+
+
+def _bits_float(u: int) -> float:
+    return _struct.unpack("<d", u.to_bytes(8, "big"))[0]
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _is_zero_field(f: Field, value: Any) -> bool:
+    """Go's rule for struct fields that are left out of the encoding."""
+    if value is None:
+        return True
+    t = f.type
+    if isinstance(t, Builtin):
+        if t in (BYTES, STRING):
+            return len(value) == 0
+        return not value
+    if isinstance(t, SliceType):
+        return len(value) == 0
+    # Maps are omitted only when nil (None); arrays and present structs are always sent.
+    return False
+
+
+def _get(value: Any, name: str) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(name)
+    return getattr(value, name, None)
+
+
+class Encoder:
+    """One gob stream. Weave uses a fresh one for every message."""
+
+    def __init__(self, type_ids: Mapping[GobType, int] | None = None, first_id: int = 65) -> None:
+        self._ids: dict[GobType, int] = dict(_PREDEFINED)
+        if type_ids:
+            for t, i in type_ids.items():
+                if i < _FIRST_USER_ID:
+                    raise GobError(f"user type ids start at {_FIRST_USER_ID}, got {i}")
+                self._ids[t] = i
+        self._used = set(self._ids.values())
+        self._next_id = first_id
+        self._sent: set[GobType] = set()
+
+    # Ids are assigned as a Go process would on first use: a struct takes its id before its
+    # fields' types, a slice/array/map after its element (and key) types.
+    def _assign(self, t: GobType) -> int:
+        if isinstance(t, Builtin):
+            return t.id
+        known = self._ids.get(t)
+        if known is not None:
+            return known
+        if isinstance(t, StructType):
+            own = self._take_id(t)
+            for f in t.fields:
+                self._assign(f.type)
+            return own
+        if isinstance(t, MapType):
+            self._assign(t.key)
+            self._assign(t.elem)
+        elif isinstance(t, SliceType | ArrayType):
+            self._assign(t.elem)
+        else:
+            raise GobError(f"not a gob type: {t!r}")
+        return self._take_id(t)
+
+    def _take_id(self, t: GobType) -> int:
+        while self._next_id in self._used:
+            self._next_id += 1
+        self._ids[t] = self._next_id
+        self._used.add(self._next_id)
+        return self._next_id
+
+    def _definition(self, t: GobType) -> Any:
+        common = {"Name": t.name, "Id": self._ids[t]}
+        if isinstance(t, StructType):
+            fields = [{"Name": f.name, "Id": self._id_of(f.type)} for f in t.fields]
+            return {"StructT": {"CommonType": common, "Field": fields}}
+        if isinstance(t, SliceType):
+            return {"SliceT": {"CommonType": common, "Elem": self._id_of(t.elem)}}
+        if isinstance(t, ArrayType):
+            return {"ArrayT": {"CommonType": common, "Elem": self._id_of(t.elem), "Len": t.length}}
+        assert isinstance(t, MapType)
+        return {"MapT": {"CommonType": common, "Key": self._id_of(t.key), "Elem": self._id_of(t.elem)}}
+
+    def _id_of(self, t: GobType) -> int:
+        return t.id if isinstance(t, Builtin) else self._ids[t]
+
+    def _define(self, t: GobType, out: bytearray) -> None:
+        # Pre-order: the outer type's definition first, then its components, so a
+        # definition may refer forward to an id defined later in the stream.
+        if isinstance(t, Builtin) or t in self._sent:
+            return
+        self._sent.add(t)
+        body = bytearray(encode_int(-self._ids[t]))
+        self._struct(_WIRE_TYPE, self._definition(t), body, 0)
+        out += encode_uint(len(body))
+        out += body
+        if isinstance(t, StructType):
+            for f in t.fields:
+                self._define(f.type, out)
+        elif isinstance(t, MapType):
+            self._define(t.key, out)
+            self._define(t.elem, out)
+        else:
+            self._define(t.elem, out)  # type: ignore[union-attr]
+
+    def encode(self, value: Any, typ: GobType) -> bytes:
+        """Definitions this value needs (first use only), then one value message."""
+        out = bytearray()
+        type_id = self._assign(typ)
+        self._define(typ, out)
+        body = bytearray(encode_int(type_id))
+        if isinstance(typ, StructType):
+            self._struct(typ, value, body, 0)
+        else:
+            body.append(0)  # the "singleton" field delta of a non-struct top-level value
+            self._value(typ, value, body, 0)
+        out += encode_uint(len(body))
+        out += body
+        return bytes(out)
+
+    def _struct(self, t: StructType, value: Any, out: bytearray, depth: int) -> None:
+        if depth > _MAX_DEPTH:
+            raise GobError("value nested too deeply to encode")
+        last = -1
+        for num, f in enumerate(t.fields):
+            v = _get(value, f.name)
+            if _is_zero_field(f, v):
+                continue
+            out += encode_uint(num - last)
+            last = num
+            self._value(f.type, v, out, depth + 1)
+        out.append(0)
+
+    def _value(self, t: GobType, v: Any, out: bytearray, depth: int) -> None:
+        if depth > _MAX_DEPTH:
+            raise GobError("value nested too deeply to encode")
+        try:
+            if isinstance(t, Builtin):
+                i = t.id
+                if i == 3:
+                    out += encode_uint(v)
+                elif i == 2:
+                    out += encode_int(v)
+                elif i == 6:
+                    b = v.encode("utf-8", "surrogateescape")
+                    out += encode_uint(len(b))
+                    out += b
+                elif i == 5:
+                    out += encode_uint(len(v))
+                    out += v
+                elif i == 1:
+                    out.append(1 if v else 0)
+                elif i == 4:
+                    out += encode_uint(_float_bits(float(v)))
+                else:
+                    c = complex(v)
+                    out += encode_uint(_float_bits(c.real))
+                    out += encode_uint(_float_bits(c.imag))
+            elif isinstance(t, StructType):
+                self._struct(t, v, out, depth)
+            elif isinstance(t, SliceType):
+                out += encode_uint(len(v))
+                for item in v:
+                    self._element(t.elem, item, out, depth)
+            elif isinstance(t, ArrayType):
+                if len(v) != t.length:
+                    raise GobError(f"array of length {t.length} given {len(v)} elements")
+                out += encode_uint(t.length)
+                for item in v:
+                    self._element(t.elem, item, out, depth)
+            elif isinstance(t, MapType):
+                out += encode_uint(len(v))
+                for k, item in v.items():
+                    self._element(t.key, k, out, depth)
+                    self._element(t.elem, item, out, depth)
+            else:
+                raise GobError(f"not a gob type: {t!r}")
+        except (TypeError, AttributeError, OverflowError) as exc:
+            raise GobError(f"cannot encode {v!r} as {t!r}: {exc}") from None
+
+    def _element(self, t: GobType, v: Any, out: bytearray, depth: int) -> None:
+        if v is None:
+            raise GobError(f"cannot encode a nil element of {t!r}")
+        self._value(t, v, out, depth + 1)
+
+
+def encode(value: Any, typ: GobType, type_ids: Mapping[GobType, int] | None = None) -> bytes:
+    """One value on a fresh Encoder: a self-contained gob stream."""
+    return Encoder(type_ids).encode(value, typ)
+
+
+def encode_stream(
+    items: Iterable[tuple[Any, GobType]], type_ids: Mapping[GobType, int] | None = None
+) -> bytes:
+    enc = Encoder(type_ids)
+    return b"".join(enc.encode(v, t) for v, t in items)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@dataclass
+class _WireDef:
+    kind: str  # "struct", "slice", "array", "map", "opaque"
+    name: str
+    elem: int = 0
+    key: int = 0
+    length: int = 0
+    fields: tuple[tuple[str, int], ...] = ()
+
+
+def _predefined_table() -> dict[int, _WireDef]:
+    table: dict[int, _WireDef] = {}
+    for t, i in _PREDEFINED.items():
+        if isinstance(t, StructType):
+            fields = tuple(
+                (f.name, f.type.id if isinstance(f.type, Builtin) else _PREDEFINED[f.type]) for f in t.fields
+            )
+            table[i] = _WireDef("struct", t.name, fields=fields)
+        elif isinstance(t, SliceType):
+            table[i] = _WireDef("slice", t.name, elem=_PREDEFINED[t.elem])
+    return table
+
+
+_PREDEFINED_TABLE = _predefined_table()
+_KIND_NAMES = {"ArrayT": "array", "SliceT": "slice", "StructT": "struct", "MapT": "map"}
+
+
+class Decoder:
+    """Reads one gob stream value by value, keeping the stream's type definitions."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf = bytes(data)
+        self._pos = 0
+        self._types: dict[int, _WireDef] = dict(_PREDEFINED_TABLE)
+        # The end of the message being decoded; reads never go past it.
+        self._end = 0
+
+    @property
+    def at_end(self) -> bool:
+        return self._pos >= len(self._buf)
+
+    @property
+    def position(self) -> int:
+        return self._pos
+
+    def decode(self, expect: GobType | None = None) -> Any:
+        """The next value. Definitions in front of it are read and stored."""
+        while True:
+            if self.at_end:
+                raise GobError("end of gob stream: no more values")
+            length, start = decode_uint(self._buf, self._pos)
+            if length == 0:
+                raise GobError("empty gob message")
+            if start + length > len(self._buf):
+                raise GobError(
+                    f"truncated gob message: length {length} but only {len(self._buf) - start} bytes remain"
+                )
+            self._end = start + length
+            self._pos = start
+            type_id = self._int()
+            if type_id < 0:
+                self._read_definition(-type_id)
+                continue
+            if type_id == 0:
+                raise GobError("gob message with type id 0")
+            value = self._top_value(type_id, expect)
+            # Go ignores whatever follows a value inside its message.
+            self._pos = self._end
+            return value
+
+    def _read_definition(self, type_id: int) -> None:
+        if type_id < _FIRST_USER_ID:
+            raise GobError(f"gob definition for reserved type id {type_id}")
+        if type_id in self._types:
+            raise GobError(f"duplicate gob type definition for id {type_id}")
+        wire = self._struct(self._types[16], _WIRE_TYPE, 0)
+        if self._pos != self._end:
+            raise GobError(f"extra data after gob type definition {type_id}")
+        present = [k for k in _KIND_NAMES if wire.get(k) is not None]
+        opaque = [k for k in ("GobEncoderT", "BinaryMarshalerT", "TextMarshalerT") if wire.get(k) is not None]
+        if len(present) + len(opaque) != 1:
+            raise GobError(f"gob type definition {type_id} must describe exactly one kind of type")
+        if opaque:
+            self._types[type_id] = _WireDef("opaque", wire[opaque[0]]["CommonType"]["Name"])
+            return
+        kind = present[0]
+        body = wire[kind]
+        name = body["CommonType"]["Name"]
+        if kind == "StructT":
+            fields = tuple((f["Name"], f["Id"]) for f in body["Field"])
+            self._types[type_id] = _WireDef("struct", name, fields=fields)
+        elif kind == "SliceT":
+            self._types[type_id] = _WireDef("slice", name, elem=body["Elem"])
+        elif kind == "ArrayT":
+            if body["Len"] < 0:
+                raise GobError(f"gob array type {type_id} with negative length")
+            self._types[type_id] = _WireDef("array", name, elem=body["Elem"], length=body["Len"])
+        else:
+            self._types[type_id] = _WireDef("map", name, key=body["Key"], elem=body["Elem"])
+
+    # -- primitive reads, bounded by the current message
+
+    def _uint(self) -> int:
+        v, self._pos = decode_uint(self._buf, self._pos, self._end)
+        return v
+
+    def _int(self) -> int:
+        v, self._pos = decode_int(self._buf, self._pos, self._end)
+        return v
+
+    def _bytes(self) -> bytes:
+        n = self._uint()
+        if n > self._end - self._pos:
+            raise GobError(f"gob byte string of length {n} exceeds the {self._end - self._pos} bytes left")
+        b = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return b
+
+    def _count(self, what: str, min_item_size: int = 1) -> int:
+        n = self._uint()
+        if n * min_item_size > self._end - self._pos:
+            raise GobError(f"gob {what} count {n} exceeds the {self._end - self._pos} bytes left")
+        return n
+
+    # -- values
+
+    def _lookup(self, type_id: int) -> _WireDef:
+        if type_id == _INTERFACE_ID:
+            raise GobError("gob interface values are not supported (Weave never sends them)")
+        try:
+            return self._types[type_id]
+        except KeyError:
+            raise GobError(f"unknown gob type id {type_id} (not defined in this stream)") from None
+
+    def _top_value(self, type_id: int, expect: GobType | None) -> Any:
+        if type_id not in _BUILTINS:
+            wire = self._lookup(type_id)
+            if wire.kind == "struct":
+                return self._struct(wire, expect, 0)
+        if self._uint() != 0:
+            raise GobError("non-zero delta for singleton: top-level value lacks its 00 marker")
+        return self._value(type_id, expect, 0)
+
+    def _value(self, type_id: int, expect: GobType | None, depth: int) -> Any:
+        if depth > _MAX_DEPTH:
+            raise GobError("gob value nested too deeply")
+        builtin = _BUILTINS.get(type_id)
+        if builtin is not None:
+            if expect is not None and expect != builtin:
+                raise GobError(f"type mismatch: wire sends {builtin.name}, expected {_describe(expect)}")
+            return self._builtin(type_id)
+        wire = self._lookup(type_id)
+        kind = wire.kind
+        if expect is not None and not _kind_matches(kind, expect):
+            raise GobError(f"type mismatch: wire sends {kind} {wire.name!r}, expected {_describe(expect)}")
+        if kind == "struct":
+            return self._struct(wire, expect, depth)
+        if kind == "slice":
+            n = self._count("slice")
+            elem = expect.elem if expect is not None else None  # type: ignore[union-attr]
+            return [self._value(wire.elem, elem, depth + 1) for _ in range(n)]
+        if kind == "array":
+            n = self._count("array")
+            if n != wire.length:
+                raise GobError(f"gob array length mismatch: type says {wire.length}, value has {n}")
+            if isinstance(expect, ArrayType) and expect.length != n:
+                raise GobError(f"gob array length {n} where {expect.length} expected")
+            elem = expect.elem if expect is not None else None  # type: ignore[union-attr]
+            return [self._value(wire.elem, elem, depth + 1) for _ in range(n)]
+        if kind == "map":
+            n = self._count("map", 2)
+            kt = expect.key if expect is not None else None  # type: ignore[union-attr]
+            et = expect.elem if expect is not None else None  # type: ignore[union-attr]
+            out: dict[Any, Any] = {}
+            for _ in range(n):
+                k = self._value(wire.key, kt, depth + 1)
+                try:
+                    out[k] = self._value(wire.elem, et, depth + 1)
+                except TypeError:
+                    raise GobError(f"gob map key {k!r} cannot be used as a key") from None
+            return out
+        return self._bytes()  # opaque GobEncoder payload
+
+    def _builtin(self, type_id: int) -> Any:
+        if type_id == 3:
+            return self._uint()
+        if type_id == 2:
+            return self._int()
+        if type_id == 6:
+            return self._bytes().decode("utf-8", "surrogateescape")
+        if type_id == 5:
+            return self._bytes()
+        if type_id == 1:
+            return self._uint() != 0
+        if type_id == 4:
+            return _bits_float(self._uint())
+        real = _bits_float(self._uint())
+        return complex(real, _bits_float(self._uint()))
+
+    def _struct(self, wire: _WireDef, expect: GobType | None, depth: int) -> GobStruct:
+        if depth > _MAX_DEPTH:
+            raise GobError("gob value nested too deeply")
+        local: dict[str, Field] | None = None
+        if isinstance(expect, StructType):
+            local = {f.name: f for f in expect.fields}
+        elif expect is not None:
+            raise GobError(f"type mismatch: wire sends struct {wire.name!r}, expected {_describe(expect)}")
+        values: dict[str, Any] = {}
+        num = -1
+        while True:
+            delta = self._uint()
+            if delta == 0:
+                break
+            num += delta
+            if num >= len(wire.fields):
+                raise GobError(f"gob field number {num} out of bounds for struct {wire.name!r}")
+            fname, fid = wire.fields[num]
+            if local is None:
+                values[fname] = self._value(fid, None, depth + 1)
+            elif fname in local:
+                values[fname] = self._value(fid, local[fname].type, depth + 1)
+            else:
+                self._value(fid, None, depth + 1)  # Go skips fields the receiver lacks
+        if local is not None:
+            full = {f.name: values[f.name] if f.name in values else _zero(f) for f in expect.fields}  # type: ignore[union-attr]
+            return GobStruct(expect.name, full)  # type: ignore[union-attr]
+        for fname, fid in wire.fields:
+            if fname not in values:
+                values[fname] = self._wire_zero(fid)
+        return GobStruct(wire.name, {fname: values[fname] for fname, _ in wire.fields})
+
+    def _wire_zero(self, type_id: int) -> Any:
+        builtin = _BUILTINS.get(type_id)
+        if builtin is not None:
+            return _zero(Field("", builtin))
+        wire = self._types.get(type_id)
+        if wire is None or wire.kind in ("map", "struct"):
+            return None  # nil map; an absent struct may be a nil pointer
+        if wire.kind == "slice":
+            return []
+        if wire.kind == "opaque":
+            return b""
+        return None
+
+
+def _zero(f: Field) -> Any:
+    t = f.type
+    if isinstance(t, Builtin):
+        return {1: False, 2: 0, 3: 0, 4: 0.0, 5: b"", 6: "", 7: 0j}[t.id]
+    if isinstance(t, SliceType):
+        return []
+    if isinstance(t, ArrayType):
+        return [_zero(Field("", t.elem)) for _ in range(t.length)]
+    if isinstance(t, MapType) or f.optional:
+        return None
+    return GobStruct(t.name, {g.name: _zero(g) for g in t.fields})
+
+
+def _kind_matches(kind: str, expect: GobType) -> bool:
+    return (
+        (kind == "struct" and isinstance(expect, StructType))
+        or (kind == "slice" and isinstance(expect, SliceType))
+        or (kind == "array" and isinstance(expect, ArrayType))
+        or (kind == "map" and isinstance(expect, MapType))
+    )
+
+
+def _describe(t: GobType) -> str:
+    if isinstance(t, Builtin):
+        return t.name
+    if isinstance(t, StructType):
+        return f"struct {t.name!r}"
+    return type(t).__name__.removesuffix("Type").lower()
+
+
+def decode_all(data: bytes | bytearray | memoryview, expect: GobType | None = None) -> list[Any]:
+    """Every value in one gob stream."""
+    dec = Decoder(data)
+    out = []
+    while not dec.at_end:
+        out.append(dec.decode(expect))
+    return out
