@@ -1,0 +1,125 @@
+"""The HTTP API on 127.0.0.1:6784 (Starlette app, served by Hypercorn on trio)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from router import status
+from router.mesh import Mesh
+
+log = logging.getLogger(__name__)
+
+CONNECTION_STATES = ("established", "pending", "retrying", "failed", "connecting")
+
+
+class MeshCollector:
+    """Weave's metric names, computed from the mesh at scrape time."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        conns = GaugeMetricFamily(
+            "weave_connections", "Number of peer-to-peer connections.", labels=["state", "type", "encryption"]
+        )
+        counts: dict[tuple[str, str, str], int] = {(s, "unknown", ""): 0 for s in CONNECTION_STATES}
+        for c in status.router_report(self.mesh)["Connections"]:
+            attrs = c["Attrs"] or {}
+            key = (c["State"], attrs.get("name", "unknown"), "yes" if attrs.get("encrypted") else "")
+            counts[key] = counts.get(key, 0) + 1
+        for (state, kind, enc), n in sorted(counts.items()):
+            conns.add_metric([state, kind, enc], n)
+        yield conns
+        yield CounterMetricFamily(
+            "weave_connection_terminations", "Number of peer-to-peer connections terminated.",
+            value=self.mesh.termination_count,
+        )
+
+
+def _template(fmt: str, data: Any) -> str:
+    """The subset of Go templates people use with `weave report -f`: {{.A.B}} and {{json .A}}."""
+
+    def lookup(path: str) -> Any:
+        value = data
+        for part in filter(None, path.strip().lstrip(".").split(".")):
+            if not isinstance(value, dict) or part not in value:
+                raise KeyError(path)
+            value = value[part]
+        return value
+
+    def render(match: re.Match[str]) -> str:
+        expr = match.group(1).strip()
+        if expr.startswith("json "):
+            return json.dumps(lookup(expr[5:]))
+        if expr == ".":
+            return json.dumps(data)
+        value = lookup(expr)
+        return json.dumps(value) if isinstance(value, dict | list) else str(value)
+
+    return re.sub(r"\{\{(.*?)\}\}", render, fmt)
+
+
+def build_app(mesh: Mesh) -> Starlette:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(MeshCollector(mesh))  # type: ignore[arg-type]
+
+    async def get_status(request: Request) -> Response:
+        rep = status.report(mesh)
+        sub = request.path_params.get("sub")
+        render = {
+            None: status.status_text,
+            "peers": status.peers_text,
+            "connections": status.connections_text,
+            "targets": status.targets_text,
+        }.get(sub)
+        if render is None:
+            return PlainTextResponse(f"unknown status section {sub!r}\n", status_code=404)
+        return PlainTextResponse(render(rep))
+
+    async def get_report(request: Request) -> Response:
+        rep = status.report(mesh)
+        fmt = request.query_params.get("format")
+        if fmt is None:
+            return JSONResponse(rep)
+        try:
+            return PlainTextResponse(_template(fmt, rep))
+        except KeyError as exc:
+            return PlainTextResponse(f"template: no field {exc.args[0]!r} in the report\n", status_code=400)
+
+    async def post_connect(request: Request) -> Response:
+        form = await request.form()
+        peers = [str(p) for p in form.getlist("peer")]
+        replace = str(form.get("replace", "")).lower() == "true"
+        errors = mesh.connect(peers, replace=replace)
+        if errors:
+            return PlainTextResponse("\n".join(errors) + "\n", status_code=400)
+        return Response(status_code=200)
+
+    async def post_forget(request: Request) -> Response:
+        form = await request.form()
+        mesh.forget([str(p) for p in form.getlist("peer")])
+        return Response(status_code=200)
+
+    async def get_metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return Starlette(
+        routes=[
+            Route("/status", get_status),
+            Route("/status/{sub}", get_status),
+            Route("/report", get_report),
+            Route("/connect", post_connect, methods=["POST"]),
+            Route("/forget", post_forget, methods=["POST"]),
+            Route("/metrics", get_metrics),
+        ]
+    )

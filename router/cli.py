@@ -1,0 +1,244 @@
+"""`weave`: the command line. Talks to the daemon of its own network namespace over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from router import __version__
+from router.config import ConfigError, build_parser, http_addr, refuse_unsupported, state_dir
+
+LAUNCH_TIMEOUT = 20.0
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _request(method: str, path: str, form: list[tuple[str, str]] | None = None, timeout: float = 10) -> str:
+    url = f"http://{http_addr()}{path}"
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode().strip()
+        raise CliError(body or f"HTTP {exc.code}", 4 if exc.code == 404 else 1) from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(f"weave is not running (cannot reach {url}: {reason})") from None
+
+
+def _pid_file() -> Path:
+    return state_dir() / "weaver.pid"
+
+
+def _running_pid() -> int | None:
+    try:
+        pid = int(_pid_file().read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def _weaver_command() -> list[str]:
+    return [sys.executable, "-m", "router.weaver"]
+
+
+def cmd_launch(args: list[str]) -> int:
+    if os.geteuid() != 0:
+        raise CliError("weave launch must be run as root")
+    try:
+        refuse_unsupported(args)
+        build_parser("weave launch").parse_args(args)
+    except ConfigError as exc:
+        raise CliError(f"weave launch: {exc}") from None
+    pid = _running_pid()
+    if pid is not None:
+        raise CliError(f"weave is already running (pid {pid}); `weave stop` first")
+    directory = state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / "weaver.log"
+    ready = directory / "weaver.ready"
+    ready.unlink(missing_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [*_weaver_command(), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _pid_file().write_text(f"{proc.pid}\n")
+    tty = sys.stderr.isatty()
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            _pid_file().unlink(missing_ok=True)
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            detail = "\n  ".join(tail)
+            raise CliError(f"weave launch: the router exited (code {code}):\n  {detail}")
+        if ready.exists():
+            try:
+                _request("GET", "/status", timeout=2)
+            except CliError:
+                pass
+            else:
+                if tty:
+                    print(file=sys.stderr)
+                print(f"weave router started (pid {proc.pid}); log: {log_path}")
+                return 0
+        if tty:
+            print(".", end="", file=sys.stderr, flush=True)
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)
+    _pid_file().unlink(missing_ok=True)
+    raise CliError(f"weave launch: the router did not answer within {LAUNCH_TIMEOUT:.0f} s; see {log_path}")
+
+
+def cmd_stop(_: list[str]) -> int:
+    pid = _running_pid()
+    if pid is None:
+        print("weave is not running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+    _pid_file().unlink(missing_ok=True)
+    print("weave router stopped")
+    return 0
+
+
+def cmd_reset(args: list[str]) -> int:
+    cmd_stop(args)
+    directory = state_dir()
+    for item in ("peername", "weaver.log", "weaver.ready"):
+        (directory / item).unlink(missing_ok=True)
+    print(f"weave reset: removed the router's state in {directory}")
+    return 0
+
+
+def cmd_status(args: list[str]) -> int:
+    sub = args[0] if args else ""
+    if sub not in ("", "peers", "connections", "targets"):
+        raise CliError(f"weave status: unknown section {sub!r} (peers, connections, targets)", 2)
+    print(_request("GET", f"/status/{sub}" if sub else "/status"), end="")
+    return 0
+
+
+def cmd_report(args: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="weave report")
+    p.add_argument("-f", "--format")
+    opts = p.parse_args(args)
+    if opts.format:
+        print(_request("GET", "/report?" + urllib.parse.urlencode({"format": opts.format})))
+    else:
+        print(json.dumps(json.loads(_request("GET", "/report")), indent=4))
+    return 0
+
+
+def cmd_connect(args: list[str]) -> int:
+    replace = "--replace" in args
+    peers = [a for a in args if a != "--replace"]
+    form = [("peer", p) for p in peers]
+    if replace:
+        form.append(("replace", "true"))
+    _request("POST", "/connect", form)
+    return 0
+
+
+def cmd_forget(args: list[str]) -> int:
+    _request("POST", "/forget", [("peer", p) for p in args])
+    return 0
+
+
+def cmd_version(_: list[str]) -> int:
+    print(f"weave script {__version__}")
+    try:
+        rep = json.loads(_request("GET", "/report", timeout=2))
+        print(f"weave router {rep['Version']}")
+    except CliError:
+        print("weave router not running")
+    return 0
+
+
+def cmd_demo(args: list[str]) -> int:
+    from router.demo import main as demo_main
+
+    return demo_main(args)
+
+
+COMMANDS = {
+    "launch": cmd_launch,
+    "stop": cmd_stop,
+    "reset": cmd_reset,
+    "status": cmd_status,
+    "report": cmd_report,
+    "connect": cmd_connect,
+    "forget": cmd_forget,
+    "version": cmd_version,
+    "demo": cmd_demo,
+}
+
+USAGE = """usage: weave <command> [args]
+
+  launch [flags] [peer ...]   start the router daemon (flags as in Weave: --password, --name, ...)
+  stop                        stop the router
+  reset                       stop the router and remove its state
+  status [peers|connections|targets]
+  report [-f FORMAT]          the JSON report, or FORMAT (a Go-template subset) applied to it
+  connect [--replace] peer... add connection targets
+  forget peer...              remove connection targets
+  version
+  demo [--keep]               simulated hosts in network namespaces, meshed, shown, cleaned up
+
+Environment: WEAVE_STATE_DIR (default /var/lib/weave), WEAVE_HTTP_ADDR (127.0.0.1:6784), WEAVE_PASSWORD.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"weave: unknown command {argv[0]!r}\n\n{USAGE}", end="", file=sys.stderr)
+        return 2
+    try:
+        return command(argv[1:])
+    except CliError as exc:
+        print(exc, file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The router's flags (Weave's names), its state directory and its persistent identity."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.errors import WireError
+from router.peername import format_peer_name, parse_peer_name, random_peer_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STATE_DIR = "/var/lib/weave"
+DEFAULT_HTTP_ADDR = "127.0.0.1:6784"
+
+# Weave flags whose features arrive with later work; refused with this reason until then.
+NOT_YET = {
+    "--ipalloc-range": "IP address management (ipam_crdt)",
+    "--ipalloc-init": "IP address management (ipam_crdt)",
+    "--ipalloc-default-subnet": "IP address management (ipam_crdt)",
+    "--no-dns": "weaveDNS",
+    "--dns-domain": "weaveDNS",
+    "--dns-listen-address": "weaveDNS",
+    "--dns-ttl": "weaveDNS",
+    "--dns-fallback-timeout": "weaveDNS",
+    "--resolv-conf": "weaveDNS",
+    "--mtu": "the data paths (sleeve/fastdp)",
+    "--no-bridged-fastdp": "fastdp",
+    "--datapath": "fastdp",
+    "--weave-bridge": "the data paths (sleeve/fastdp)",
+    "--plugin": "the Docker plugin",
+    "--plugin-v2": "the Docker plugin",
+    "--proxy": "the Docker API proxy (not planned)",
+    "--awsvpc": "AWS VPC mode (not planned)",
+    "--expect-npc": "network policy (not planned)",
+    "--no-masq-local": "IP address management (ipam_crdt)",
+    "--token": "Weave Cloud discovery (the service no longer exists)",
+}
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("WEAVE_STATE_DIR", DEFAULT_STATE_DIR))
+
+
+def http_addr() -> str:
+    return os.environ.get("WEAVE_HTTP_ADDR", DEFAULT_HTTP_ADDR)
+
+
+@dataclass
+class RouterConfig:
+    name: int
+    nickname: str
+    port: int = 6783
+    host: str = ""
+    password: bytes | None = None
+    trusted_subnets: list[ipaddress.IPv4Network] = field(default_factory=list)
+    conn_limit: int = 200
+    discovery: bool = True
+    min_protocol_version: int = 1
+    http_addr: str = DEFAULT_HTTP_ADDR
+    log_level: str = "info"
+    peers: list[str] = field(default_factory=list)
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+
+
+class ConfigError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser(prog: str = "weaver") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="pyweave router daemon", allow_abbrev=False)
+    p.add_argument("--port", type=int, default=int(os.environ.get("WEAVE_PORT", 6783)))
+    p.add_argument("--host", default="")
+    p.add_argument("--name", default="")
+    p.add_argument("--nickname", default="")
+    p.add_argument("--password", default=None)
+    p.add_argument("--trusted-subnets", default="")
+    p.add_argument("--min-protocol-version", type=int, default=1, choices=(1, 2))
+    p.add_argument("--conn-limit", type=int, default=200)
+    p.add_argument("--no-discovery", action="store_true")
+    p.add_argument("--http-addr", default=None)
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--no-fastdp", action="store_true", help="accepted; there is no fastdp yet")
+    p.add_argument("--no-restart", action="store_true", help="accepted for compatibility")
+    p.add_argument("peers", nargs="*")
+    return p
+
+
+def refuse_unsupported(argv: list[str]) -> None:
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in NOT_YET:
+            raise ConfigError(
+                f"{flag} is not supported yet: it needs {NOT_YET[flag]}, which pyweave does not have yet"
+            )
+
+
+def parse_args(argv: list[str]) -> RouterConfig:
+    refuse_unsupported(argv)
+    args = build_parser().parse_args(argv)
+    directory = state_dir()
+    if not 0 < args.port < 65535:
+        raise ConfigError(f"--port {args.port}: must be 1..65534 (the overlay also uses port+1)")
+    if args.conn_limit < 0:
+        raise ConfigError("--conn-limit must be 0 (unlimited) or more")
+    trusted = []
+    for part in filter(None, (s.strip() for s in args.trusted_subnets.split(","))):
+        try:
+            trusted.append(ipaddress.IPv4Network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"--trusted-subnets: {part!r} is not an IPv4 CIDR") from None
+    password = args.password if args.password is not None else os.environ.get("WEAVE_PASSWORD")
+    try:
+        name = parse_peer_name(args.name) if args.name else load_or_create_name(directory)
+    except WireError as exc:
+        raise ConfigError(f"--name: {exc}") from None
+    return RouterConfig(
+        name=name,
+        nickname=args.nickname or socket.gethostname(),
+        port=args.port,
+        host=args.host,
+        password=password.encode() if password else None,
+        trusted_subnets=trusted,
+        conn_limit=args.conn_limit,
+        discovery=not args.no_discovery,
+        min_protocol_version=args.min_protocol_version,
+        http_addr=args.http_addr or http_addr(),
+        log_level=args.log_level,
+        peers=list(args.peers),
+        state_dir=directory,
+    )
+
+
+def load_or_create_name(directory: Path) -> int:
+    """The peer name persisted in the state directory, made on first launch."""
+    path = directory / "peername"
+    try:
+        return parse_peer_name(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    except WireError:
+        log.warning("ignoring unreadable peer name in %s; making a new one", path)
+    name = random_peer_name()
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(format_peer_name(name) + "\n")
+    tmp.replace(path)
+    return name

@@ -1,0 +1,601 @@
+"""The mesh service: TCP connections to peers, gossip channels, topology and routes.
+
+The protocol work is done by the sans-IO cores (handshake, session codec, topology,
+routes, targets); this module only moves bytes between them and trio sockets. Every
+connection runs in its own task; whatever goes wrong with one (a bad handshake, a wrong
+password, garbage, a stall) ends that connection alone, with the reason logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import random
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from router.errors import HandshakeError, ProtocolError, WireError
+from router.gossip_api import Action, GossipData, Gossiper, SendBroadcast, SendUnicast
+from router.handshake import Handshake, HandshakeFailure, PeerIdentity, RemoteFeatures
+from router.peername import format_peer_name
+from router.protocol import GossipMessage, Tag, decode_gossip, encode_gossip, encode_message, split_message
+from router.routes import Routes
+from router.surrogate import SurrogateGossiper
+from router.targets import ConnectionMaker, normalise_address
+from router.topology import Peers, choose_short_id
+
+log = logging.getLogger(__name__)
+
+GOSSIP_INTERVAL = 30.0
+HEARTBEAT_INTERVAL = 30.0
+READ_TIMEOUT = 2 * HEARTBEAT_INTERVAL
+HANDSHAKE_TIMEOUT = 10.0
+DIAL_TIMEOUT = 10.0
+# Weave coalesces topology updates for 1 s; a shorter pause converges faster and the
+# payloads are small.
+TOPOLOGY_FLUSH_DELAY = 0.05
+SEND_QUEUE_LENGTH = 1024
+ACCEPT_BURST = 20
+ACCEPT_REFILL = 0.05
+MAX_SURROGATES = 64
+TOPOLOGY_CHANNEL = "topology"
+
+
+@dataclass
+class MeshConfig:
+    name: int
+    nickname: str
+    port: int = 6783
+    host: str = ""
+    password: bytes | None = None
+    trusted_subnets: list[ipaddress.IPv4Network] = field(default_factory=list)
+    conn_limit: int = 200
+    discovery: bool = True
+    min_version: int = 1
+    initial_peers: list[str] = field(default_factory=list)
+    overlays: tuple[str, ...] = ("sleeve",)
+
+
+class TokenBucket:
+    """Weave's accept throttle: a burst of `capacity`, one token back every `refill` s."""
+
+    def __init__(self, capacity: int, refill: float, now: float) -> None:
+        self.capacity = capacity
+        self.refill = refill
+        self._tokens = float(capacity)
+        self._stamp = now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) / self.refill)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class ConnectionRefused(Exception):
+    """A connection the mesh declines after a good handshake (limit, duplicate)."""
+
+
+class Connection:
+    """One TCP connection to a peer, from dial/accept to close."""
+
+    def __init__(self, stream: trio.SocketStream, outbound: bool, address: str, target: str | None) -> None:
+        self.stream = stream
+        self.outbound = outbound
+        self.address = address  # the remote TCP address, ip:port
+        self.target = target  # the connection maker's address, for outbound ones
+        self.state = "connecting"
+        self.remote: RemoteFeatures | None = None
+        self.conn_uid = 0
+        self.encrypted = False
+        self.codec = None
+        self.info = ""
+        self._send_in, self._send_out = trio.open_memory_channel[bytes](SEND_QUEUE_LENGTH)
+        self._closing = trio.Event()
+        self.close_reason = ""
+
+    @property
+    def remote_name(self) -> int:
+        assert self.remote is not None
+        return self.remote.name
+
+    def describe(self) -> str:
+        if self.remote is None:
+            return self.address
+        return f"{format_peer_name(self.remote.name)}({self.remote.nickname}) at {self.address}"
+
+    def send(self, tag: int, body: bytes = b"") -> bool:
+        """Queue one message; drops it (gossip is repaired by the next round) if the peer is too slow."""
+        try:
+            self._send_in.send_nowait(encode_message(tag, body))
+            return True
+        except trio.WouldBlock:
+            log.warning("send queue to %s full; dropping a %s message", self.describe(), Tag(tag).name)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        return False
+
+    def close(self, reason: str) -> None:
+        if not self._closing.is_set():
+            self.close_reason = reason
+            self._closing.set()
+
+
+class Mesh:
+    def __init__(self, config: MeshConfig, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.rng = rng or random.Random()
+        self.uid = secrets.randbits(64) or 1
+        self.peers = Peers(
+            config.name, config.nickname, self.uid, choose_short_id((), self.rng), rng=self.rng
+        )
+        self.routes = Routes.compute(self.peers)
+        self.maker = ConnectionMaker(rng=self.rng, discovery=config.discovery)
+        self.connections: dict[int, Connection] = {}
+        self.all_connections: set[Connection] = set()
+        self.channels: dict[str, Gossiper] = {}
+        self.termination_count = 0
+        self.listening: list[tuple[str, int]] = []
+        self._surrogates: dict[str, SurrogateGossiper] = {}
+        self._topology_dirty: set[int] = set()
+        self._topology_event = trio.Event()
+        self._maker_event = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._accepts = TokenBucket(ACCEPT_BURST, ACCEPT_REFILL, 0.0)
+        # Called with the names of peers that left the topology (IPAM/DNS clean-up).
+        self.on_peers_removed: list[Callable[[list[int]], None]] = []
+
+    @property
+    def name(self) -> int:
+        return self.config.name
+
+    @property
+    def short_id(self) -> int | None:
+        me = self.peers.ourself
+        return me.short_id if me.has_short_id else None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host or None)
+        self.listening = [lst.socket.getsockname()[:2] for lst in listeners]
+        log.info(
+            "mesh listening on %s as %s(%s), uid %d",
+            ", ".join(f"{h}:{p}" for h, p in self.listening),
+            format_peer_name(self.name),
+            self.config.nickname,
+            self.uid,
+        )
+        self.connect(self.config.initial_peers)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(trio.serve_listeners, self._accept, listeners)
+            nursery.start_soon(self._maker_loop)
+            nursery.start_soon(self._topology_flusher)
+            nursery.start_soon(self._periodic_gossip)
+            task_status.started()
+
+    def add_channel(self, name: str, gossiper: Gossiper) -> None:
+        self.channels[name] = gossiper
+
+    # ------------------------------------------------------------ targets
+
+    def connect(self, addresses: list[str], replace: bool = False) -> list[str]:
+        """`weave connect`: returns error strings for addresses that don't parse."""
+        good, errors = [], []
+        for text in addresses:
+            try:
+                good.append(normalise_address(text, self.config.port))
+            except ValueError as exc:
+                errors.append(str(exc))
+        self.maker.add_direct(good, trio.current_time(), replace=replace)
+        self._maker_event.set()
+        return errors
+
+    def forget(self, addresses: list[str]) -> None:
+        norm = []
+        for text in addresses:
+            try:
+                norm.append(normalise_address(text, self.config.port))
+            except ValueError:
+                continue
+        self.maker.forget(norm)
+
+    def _discovered(self) -> dict[str, int]:
+        """Addresses of peers others are connected to and we are not: address -> peer."""
+        found: dict[str, int] = {}
+        for peer in self.peers.by_name.values():
+            for other, conn in peer.connections.items():
+                if other == self.name or other in self.connections or not conn.remote_tcp_addr:
+                    continue
+                if conn.outbound:
+                    addr = conn.remote_tcp_addr
+                else:
+                    addr = f"{conn.remote_tcp_addr.rpartition(':')[0]}:{self.config.port}"
+                try:
+                    found[normalise_address(addr, self.config.port)] = other
+                except ValueError:
+                    continue
+        return found
+
+    async def _maker_loop(self) -> None:
+        while True:
+            now = trio.current_time()
+            self.maker.set_discovered(set(self._discovered()), now)
+            inbound_hosts = {
+                c.address.rpartition(":")[0] for c in self.connections.values() if not c.outbound
+            }
+            connected = {c.target for c in self.all_connections if c.target}
+            for addr in self.maker.due(now, inbound_hosts, connected):
+                if self.config.conn_limit and len(self.all_connections) >= self.config.conn_limit:
+                    self.maker.failed(addr, now, f"Connection limit reached ({self.config.conn_limit})")
+                    continue
+                assert self._nursery is not None
+                self._nursery.start_soon(self._dial, addr)
+            wake = self.maker.next_wakeup()
+            with trio.move_on_at(wake if wake is not None else math.inf):
+                await self._maker_event.wait()
+            self._maker_event = trio.Event()
+
+    async def _dial(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        try:
+            with trio.fail_after(DIAL_TIMEOUT):
+                stream = await trio.open_tcp_stream(host, int(port))
+        except (OSError, trio.TooSlowError) as exc:
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
+            log.info("connection to %s failed: %s", address, reason)
+            self.maker.failed(address, trio.current_time(), reason)
+            self._maker_event.set()
+            return
+        peer = stream.socket.getpeername()
+        await self._run_connection(stream, True, f"{peer[0]}:{peer[1]}", address)
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        peer = stream.socket.getpeername()
+        address = f"{peer[0]}:{peer[1]}"
+        if not self._accepts.take(trio.current_time()):
+            log.warning("rejecting connection from %s: accept rate limit", address)
+            await trio.aclose_forcefully(stream)
+            return
+        await self._run_connection(stream, False, address, None)
+
+    # ------------------------------------------------------------ one connection
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.rpartition(":")[0])
+        except ValueError:
+            return False
+        return any(ip in net for net in self.config.trusted_subnets)
+
+    async def _run_connection(
+        self, stream: trio.SocketStream, outbound: bool, address: str, target: str | None
+    ) -> None:
+        conn = Connection(stream, outbound, address, target)
+        self.all_connections.add(conn)
+        error = ""
+        permanent = False
+        registered = False
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await self._handshake(conn)
+            self._register(conn)
+            registered = True
+            if target is not None:
+                self.maker.connected(target, trio.current_time())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender, conn)
+                nursery.start_soon(self._heartbeats, conn)
+                nursery.start_soon(self._receiver, conn)
+                await conn._closing.wait()
+                nursery.cancel_scope.cancel()
+            error = conn.close_reason
+        except HandshakeFailure as exc:
+            error, permanent = str(exc), not exc.retryable
+        except (HandshakeError, ProtocolError, WireError) as exc:
+            error = f"protocol error: {exc}"
+        except ConnectionRefused as exc:
+            error = str(exc)
+        except trio.TooSlowError:
+            error = "handshake timed out" if not registered else "timed out"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            error = f"connection lost: {exc}" if str(exc) else "connection lost"
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            self.all_connections.discard(conn)
+            if registered:
+                self._deregister(conn)
+            what = "connection to" if outbound else "connection from"
+            log.info("%s %s closed: %s", what, conn.describe(), error or "closed")
+            if target is not None:
+                self.maker.failed(target, trio.current_time(), error or "connection closed", permanent)
+                self._maker_event.set()
+
+    async def _handshake(self, conn: Connection) -> None:
+        hs = Handshake(
+            outbound=conn.outbound,
+            local=PeerIdentity(self.name, self.config.nickname, self.uid, self.short_id),
+            conn_id=secrets.randbits(64),
+            password=self.config.password,
+            trusted_remote=self._trusted(conn.address),
+            overlays=self.config.overlays,
+            min_version=self.config.min_version,
+        )
+        await conn.stream.send_all(hs.initiate())
+        while not hs.complete:
+            data = await conn.stream.receive_some(65536)
+            if not data:
+                raise trio.BrokenResourceError("peer closed the connection during the handshake")
+            out = hs.receive_data(data)
+            if out:
+                await conn.stream.send_all(out)
+        conn.remote = hs.remote
+        conn.conn_uid = hs.conn_uid
+        conn.codec = hs.codec
+        conn.encrypted = hs.session_key is not None
+        conn.state = "pending"
+
+    def _register(self, conn: Connection) -> None:
+        remote = conn.remote
+        assert remote is not None
+        existing = self.connections.get(remote.name)
+        if existing is None and self.config.conn_limit and len(self.connections) >= self.config.conn_limit:
+            raise ConnectionRefused(f"Connection limit reached ({self.config.conn_limit})")
+        if existing is not None:
+            # Both ends compute the same ConnUID, so they agree on which duplicate survives.
+            if conn.conn_uid < existing.conn_uid:
+                existing.close("replaced by a duplicate connection with a lower ConnUID")
+                self._deregister(existing)
+            else:
+                raise ConnectionRefused(f"already connected to {format_peer_name(remote.name)}")
+        known = self.peers.get(remote.name)
+        restarted = known is not None and known.uid not in (0, remote.uid)
+        new = self.peers.register_remote(remote.name, remote.nickname, remote.uid, remote.short_id)
+        # The stand-in overlay confirms at once: the connection is established.
+        self.peers.add_connection(remote.name, conn.address, conn.outbound, established=True)
+        conn.state = "established"
+        self.connections[remote.name] = conn
+        self._topology_changed({self.name, remote.name})
+        log.info(
+            "connection %s %s established%s",
+            "to" if conn.outbound else "from",
+            conn.describe(),
+            " (encrypted)" if conn.encrypted else "",
+        )
+        if new or restarted:
+            self._send_full_state(conn)
+        else:
+            conn.send(Tag.GOSSIP, self._gossip_body(TOPOLOGY_CHANNEL, self.peers.encode_peers([self.name])))
+
+    def _deregister(self, conn: Connection) -> None:
+        name = conn.remote_name
+        if self.connections.get(name) is not conn:
+            return
+        del self.connections[name]
+        removed = self.peers.remove_connection(name)
+        self.peers.release_remote(name)
+        removed += self.peers.garbage_collect()
+        self.termination_count += 1
+        self._peers_removed(removed)
+        self._topology_changed({self.name})
+
+    async def _sender(self, conn: Connection) -> None:
+        assert conn.codec is not None
+        async for message in conn._send_out:
+            await conn.stream.send_all(conn.codec.encode_frame(message))
+
+    async def _heartbeats(self, conn: Connection) -> None:
+        while True:
+            await trio.sleep(HEARTBEAT_INTERVAL)
+            conn.send(Tag.HEARTBEAT)
+
+    async def _receiver(self, conn: Connection) -> None:
+        assert conn.codec is not None
+        try:
+            for frame in conn.codec.feed(b""):
+                self._dispatch(conn, frame)
+            while True:
+                with trio.move_on_after(READ_TIMEOUT) as timeout:
+                    data = await conn.stream.receive_some(65536)
+                if timeout.cancelled_caught:
+                    conn.close(f"no message for {READ_TIMEOUT:.0f} s")
+                    return
+                if not data:
+                    conn.close("peer closed the connection")
+                    return
+                for frame in conn.codec.feed(data):
+                    self._dispatch(conn, frame)
+        except (WireError, ConnectionRefused) as exc:
+            conn.close(f"protocol error: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            conn.close(f"connection lost: {exc}")
+
+    # ------------------------------------------------------------ messages
+
+    def _dispatch(self, conn: Connection, frame: bytes) -> None:
+        split = split_message(frame)
+        if split is None:
+            return
+        tag, body = split
+        if tag not in (Tag.GOSSIP, Tag.GOSSIP_UNICAST, Tag.GOSSIP_BROADCAST):
+            return  # heartbeats, overlay control (no overlay yet), and tags we don't know
+        msg = decode_gossip(tag, body)
+        gossiper = self._channel(msg.channel)
+        if msg.tag == Tag.GOSSIP:
+            data = gossiper.on_gossip(msg.payload)
+            if data is not None:
+                self._gossip_neighbours(msg.channel, data, exclude=conn.remote_name)
+        elif msg.tag == Tag.GOSSIP_BROADCAST:
+            data = gossiper.on_gossip_broadcast(msg.src, msg.payload)
+            if data is not None:
+                for payload in data.encode():
+                    self._relay_broadcast(msg.channel, msg.src, payload)
+        else:
+            assert msg.dst is not None
+            if msg.dst == self.name:
+                self._perform(msg.channel, gossiper.on_gossip_unicast(msg.src, msg.payload))
+            else:
+                self._relay_unicast(msg.channel, msg.src, msg.dst, msg.payload)
+
+    def _channel(self, name: str) -> Gossiper:
+        if name == TOPOLOGY_CHANNEL:
+            return _TopologyGossiper(self)
+        gossiper = self.channels.get(name)
+        if gossiper is not None:
+            return gossiper
+        surrogate = self._surrogates.get(name)
+        if surrogate is None:
+            if len(self._surrogates) >= MAX_SURROGATES:
+                raise ProtocolError(f"too many unknown gossip channels (last: {name!r})")
+            log.info("relaying gossip channel %r, which this router does not implement", name)
+            surrogate = self._surrogates[name] = SurrogateGossiper(GOSSIP_INTERVAL)
+        surrogate.now = trio.current_time()
+        return surrogate
+
+    def _gossip_body(
+        self, channel: str, payload: bytes, tag: Tag = Tag.GOSSIP, src: int | None = None
+    ) -> bytes:
+        return encode_gossip(GossipMessage(tag, channel, self.name if src is None else src, payload))
+
+    def _gossip_neighbours(self, channel: str, data: GossipData, exclude: int | None = None) -> None:
+        hops = self.routes.random_neighbours(exclude, self.rng)
+        for payload in data.encode():
+            body = self._gossip_body(channel, payload)
+            for hop in hops:
+                self._send_to(hop, Tag.GOSSIP, body)
+
+    def _relay_broadcast(self, channel: str, origin: int, payload: bytes) -> None:
+        body = self._gossip_body(channel, payload, Tag.GOSSIP_BROADCAST, origin)
+        for hop in self.routes.broadcast_all(origin):
+            self._send_to(hop, Tag.GOSSIP_BROADCAST, body)
+
+    def _relay_unicast(self, channel: str, src: int, dst: int, payload: bytes) -> None:
+        hop = self.routes.next_hop_all(dst)
+        if hop is None:
+            log.debug("dropping %s unicast for unreachable %s", channel, format_peer_name(dst))
+            return
+        body = encode_gossip(GossipMessage(Tag.GOSSIP_UNICAST, channel, src, payload, dst))
+        self._send_to(hop, Tag.GOSSIP_UNICAST, body)
+
+    def _send_to(self, name: int, tag: Tag, body: bytes) -> None:
+        conn = self.connections.get(name)
+        if conn is not None:
+            conn.send(tag, body)
+
+    def _perform(self, channel: str, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendUnicast):
+                self._relay_unicast(channel, self.name, action.dst, action.payload)
+            elif isinstance(action, SendBroadcast):
+                self._relay_broadcast(channel, self.name, action.payload)
+
+    def send_actions(self, channel: str, actions: list[Action]) -> None:
+        """For applications: perform unicasts/broadcasts they asked for."""
+        self._perform(channel, actions)
+
+    def _send_full_state(self, conn: Connection) -> None:
+        conn.send(Tag.GOSSIP, self._gossip_body(TOPOLOGY_CHANNEL, self.peers.encode_full()))
+        for channel, gossiper in self.channels.items():
+            data = gossiper.gossip()
+            if data is not None:
+                for payload in data.encode():
+                    conn.send(Tag.GOSSIP, self._gossip_body(channel, payload))
+
+    async def _periodic_gossip(self) -> None:
+        while True:
+            await trio.sleep(GOSSIP_INTERVAL * (0.9 + 0.2 * self.rng.random()))
+            self._gossip_neighbours(TOPOLOGY_CHANNEL, _TopologyData(self, None))
+            for channel, gossiper in self.channels.items():
+                data = gossiper.gossip()
+                if data is not None:
+                    self._gossip_neighbours(channel, data)
+
+    # ------------------------------------------------------------ topology
+
+    def _topology_changed(self, names: set[int]) -> None:
+        self.routes = Routes.compute(self.peers)
+        self._topology_dirty |= names
+        self._topology_event.set()
+        self._maker_event.set()
+
+    async def _topology_flusher(self) -> None:
+        while True:
+            await self._topology_event.wait()
+            await trio.sleep(TOPOLOGY_FLUSH_DELAY)
+            self._topology_event = trio.Event()
+            names, self._topology_dirty = self._topology_dirty, set()
+            if names:
+                self._gossip_neighbours(TOPOLOGY_CHANNEL, _TopologyData(self, names))
+
+    def apply_topology(self, payload: bytes) -> set[int] | None:
+        result = self.peers.apply_update(payload)
+        changed = set(result.improved)
+        if result.local_modified:
+            changed.add(self.name)
+        if result.removed:
+            self._peers_removed(list(result.removed))
+        if changed or result.removed:
+            self.routes = Routes.compute(self.peers)
+            self._maker_event.set()
+        fresh = result.new | result.restarted
+        if fresh:
+            now = trio.current_time()
+            addresses = {a for a, n in self._discovered().items() if n in fresh}
+            self.maker.set_discovered(set(self._discovered()), now)
+            self.maker.retry_now(addresses, now)
+        if result.local_modified:
+            self._topology_changed({self.name})
+        return changed or None
+
+    def _peers_removed(self, removed: list) -> None:
+        if not removed:
+            return
+        names = [p.name for p in removed]
+        log.info("peers left the topology: %s", ", ".join(format_peer_name(n) for n in names))
+        for callback in self.on_peers_removed:
+            callback(names)
+
+
+@dataclass
+class _TopologyData:
+    """Topology gossip: the named peers (None = all), encoded when sent."""
+
+    mesh: Mesh
+    names: set[int] | None
+
+    def encode(self) -> list[bytes]:
+        if self.names is None:
+            return [self.mesh.peers.encode_full()]
+        return [self.mesh.peers.encode_peers(self.names)]
+
+    def merge(self, other: GossipData) -> GossipData:
+        assert isinstance(other, _TopologyData)
+        if self.names is None or other.names is None:
+            return _TopologyData(self.mesh, None)
+        return _TopologyData(self.mesh, self.names | other.names)
+
+
+class _TopologyGossiper:
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+    def gossip(self) -> GossipData | None:
+        return _TopologyData(self.mesh, None)
+
+    def on_gossip(self, payload: bytes) -> GossipData | None:
+        changed = self.mesh.apply_topology(payload)
+        return None if changed is None else _TopologyData(self.mesh, changed)
+
+    def on_gossip_broadcast(self, src: int, payload: bytes) -> GossipData | None:
+        return self.on_gossip(payload)
+
+    def on_gossip_unicast(self, src: int, payload: bytes) -> list[Action]:
+        raise ProtocolError("unexpected gossip unicast on the topology channel")

@@ -1,0 +1,169 @@
+"""Which peers to dial and when: the connection maker's state, without I/O.
+
+Targets are the addresses named on the command line or by `weave connect` ("direct")
+plus those learned from topology gossip ("discovered"). A failed attempt is retried with
+jittered exponential backoff (about 2 s, x1.5 each time, capped at 6 minutes), as Weave
+does; unlike Weave, a target whose peer gossip reports as new or restarted is retried at
+once, so a mesh whose members start together converges in seconds rather than minutes.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Set
+from dataclasses import dataclass
+
+INITIAL_INTERVAL = 2.0
+BACKOFF_FACTOR = 1.5
+MAX_INTERVAL = 360.0
+# A connection that lived this long before failing is retried at once.
+LONG_LIVED = 60.0
+DEFAULT_PORT = 6783
+
+
+class TargetState(enum.Enum):
+    WAITING = "waiting"  # due now, not yet dialled
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RETRYING = "retrying"
+    FAILED = "failed"
+
+
+@dataclass
+class Target:
+    address: str
+    direct: bool
+    state: TargetState = TargetState.WAITING
+    attempts: int = 0
+    try_after: float = 0.0
+    interval: float = INITIAL_INTERVAL
+    last_error: str = ""
+    connected_at: float = 0.0
+
+
+def normalise_address(text: str, default_port: int = DEFAULT_PORT) -> str:
+    """`host[:port]` with the port made explicit; raises ValueError on nonsense."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty peer address")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid peer address {text!r}: expected host[:port]")
+    return f"{host}:{int(port)}"
+
+
+class ConnectionMaker:
+    def __init__(self, *, rng: random.Random | None = None, discovery: bool = True) -> None:
+        self._rng = rng or random.Random()
+        self.discovery = discovery
+        self._targets: dict[str, Target] = {}
+
+    # -- what the user asks for
+
+    def add_direct(self, addresses: list[str], now: float, replace: bool = False) -> None:
+        wanted = set(addresses)
+        if replace:
+            for addr, target in list(self._targets.items()):
+                if target.direct and addr not in wanted:
+                    target.direct = False
+                    if target.state is not TargetState.CONNECTED:
+                        del self._targets[addr]
+        for addr in addresses:
+            target = self._targets.get(addr)
+            if target is None:
+                self._targets[addr] = Target(addr, direct=True, try_after=now)
+            else:
+                target.direct = True
+
+    def forget(self, addresses: list[str]) -> None:
+        for addr in addresses:
+            target = self._targets.get(addr)
+            if target is not None and target.direct:
+                del self._targets[addr]
+
+    def direct_targets(self) -> list[str]:
+        return sorted(a for a, t in self._targets.items() if t.direct)
+
+    # -- what gossip tells us
+
+    def set_discovered(self, addresses: set[str], now: float) -> None:
+        """The addresses topology gossip suggests; stale undialled ones are dropped."""
+        if not self.discovery:
+            addresses = set()
+        for addr, target in list(self._targets.items()):
+            if not target.direct and addr not in addresses and target.state is not TargetState.CONNECTED:
+                del self._targets[addr]
+        for addr in addresses:
+            if addr not in self._targets:
+                self._targets[addr] = Target(addr, direct=False, try_after=now)
+
+    def retry_now(self, addresses: set[str], now: float) -> None:
+        """Gossip says the peer at these addresses is new or restarted: try it straight away."""
+        for addr in addresses:
+            target = self._targets.get(addr)
+            if target is not None and target.state in (TargetState.RETRYING, TargetState.FAILED):
+                target.try_after = now
+                target.interval = INITIAL_INTERVAL
+
+    # -- what the dialler reports
+
+    def due(
+        self, now: float, skip_hosts: Set[str] = frozenset(), connected: Set[str] = frozenset()
+    ) -> list[str]:
+        """Targets to dial now. `connected` are addresses we already have a connection to;
+        `skip_hosts` are IPs with an inbound connection (a target with the default port
+        there is assumed to be that peer)."""
+        out = []
+        for addr, target in self._targets.items():
+            if target.state in (TargetState.CONNECTING, TargetState.CONNECTED):
+                continue
+            if addr in connected:
+                continue
+            if addr.rpartition(":")[0] in skip_hosts and addr.endswith(f":{DEFAULT_PORT}"):
+                continue
+            if target.try_after <= now:
+                target.state = TargetState.CONNECTING
+                target.attempts += 1
+                out.append(addr)
+        return out
+
+    def connected(self, address: str, now: float) -> None:
+        target = self._targets.get(address)
+        if target is not None:
+            target.state = TargetState.CONNECTED
+            target.connected_at = now
+            target.last_error = ""
+
+    def failed(self, address: str, now: float, error: str, permanent: bool = False) -> None:
+        """A dial or a connection ended. Schedules the retry."""
+        target = self._targets.get(address)
+        if target is None:
+            return
+        lived = now - target.connected_at if target.state is TargetState.CONNECTED else 0.0
+        target.last_error = error
+        if permanent:
+            target.state = TargetState.FAILED
+            target.try_after = float("inf")
+            return
+        target.state = TargetState.RETRYING
+        if lived > LONG_LIVED:
+            target.interval = INITIAL_INTERVAL
+            target.try_after = now
+            return
+        delay = target.interval * (0.5 + self._rng.random())
+        target.try_after = now + delay
+        target.interval = min(target.interval * BACKOFF_FACTOR, MAX_INTERVAL)
+
+    def next_wakeup(self) -> float | None:
+        times = [
+            t.try_after
+            for t in self._targets.values()
+            if t.state in (TargetState.WAITING, TargetState.RETRYING) and t.try_after != float("inf")
+        ]
+        return min(times) if times else None
+
+    def targets(self) -> list[Target]:
+        return sorted(self._targets.values(), key=lambda t: t.address)
