@@ -798,6 +798,12 @@ class Testbed:
         log.info("test bed %s closed%s", self.prefix,
                  f" with {len(self.cleanup_errors)} errors" if self.cleanup_errors else "")
 
+    def detach(self) -> None:
+        """Leave everything running: no cleanup now or at exit (a later cleanup_stale removes it)."""
+        self.keep = True
+        self.closed = True
+        _LIVE.discard(self)
+
     @staticmethod
     def snapshot() -> RootSnapshot:
         """See :func:`root_snapshot`."""
