@@ -334,7 +334,16 @@ class Mesh:
             data = await conn.stream.receive_some(65536)
             if not data:
                 raise trio.BrokenResourceError("peer closed the connection during the handshake")
-            out = hs.receive_data(data)
+            try:
+                out = hs.receive_data(data)
+            except HandshakeFailure as exc:
+                # What we had already produced (our features) lets the peer fail for the
+                # same reason instead of seeing the connection vanish.
+                unsent = getattr(exc, "unsent", b"")
+                if unsent:
+                    with trio.move_on_after(1):
+                        await conn.stream.send_all(unsent)
+                raise
             if out:
                 await conn.stream.send_all(out)
         conn.remote = hs.remote

@@ -1,0 +1,332 @@
+"""Control-plane crypto and the framing of an established connection (sans-IO).
+
+Session key (both ends compute the same one)::
+
+    SHA-256( crypto_box_beforenm(remote public, local private) || password )
+
+Every TCP message on an encrypted connection is ``secretbox(msg, nonce, key)``
+(XSalsa20-Poly1305, 16 bytes longer than ``msg``). The 24-byte nonce is all zero
+except byte 0 bit 7 (the *sender* dialled the connection), byte 0 bit 6 (TCP, so the
+nonces never collide with UDP nonces under the same key) and bytes 16..23, a
+big-endian per-direction counter starting at 0. The receiver expects the opposite
+polarity and its own counter, so a dropped, replayed or reordered message fails to
+open and the connection is dropped.
+
+Codecs for an established connection (both have ``encode_frame`` and ``feed``):
+
+- ``FrameCodec``: protocol v2, ``uint32 BE length || payload`` with the payload
+  sealed when a session key is given;
+- ``GobFrameCodec``: legacy protocol v1, one gob ``[]byte`` value per message on a
+  stream that lives as long as the connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.public
+
+from router.errors import GobError, ProtocolError
+from router.gob import BYTES, Decoder, decode_int, encode
+from router.protocol import MAX_FRAME_SIZE, FrameReader, frame
+
+KEY_SIZE = 32
+NONCE_SIZE = 24
+SEAL_OVERHEAD = 16
+_TCP_BIT = 0x40
+_OUTBOUND_BIT = 0x80
+_SEQ_OFFSET = 16
+
+
+# ---------------------------------------------------------------- keys
+
+
+def generate_private_key() -> nacl.public.PrivateKey:
+    """A fresh X25519 key pair, one per connection."""
+    return nacl.public.PrivateKey.generate()
+
+
+def as_private_key(key: nacl.public.PrivateKey | bytes) -> nacl.public.PrivateKey:
+    if isinstance(key, nacl.public.PrivateKey):
+        return key
+    if len(key) != KEY_SIZE:
+        raise ValueError(f"an X25519 private key is {KEY_SIZE} bytes, got {len(key)}")
+    return nacl.public.PrivateKey(bytes(key))
+
+
+def derive_session_key(
+    remote_public: bytes, local_private: nacl.public.PrivateKey | bytes, password: bytes
+) -> bytes:
+    """SHA-256 of the NaCl box precomputation followed by the password."""
+    if len(remote_public) != KEY_SIZE:
+        raise ProtocolError(f"peer public key is {len(remote_public)} bytes, expected {KEY_SIZE}")
+    try:
+        shared = nacl.public.Box(as_private_key(local_private), nacl.public.PublicKey(bytes(remote_public)))
+        precomputed = shared.shared_key()
+    except nacl.exceptions.CryptoError:
+        # libsodium refuses low-order points (the shared secret would be all zero).
+        raise ProtocolError("peer sent an unusable public key (low-order curve point)") from None
+    return hashlib.sha256(precomputed + password).digest()
+
+
+# ---------------------------------------------------------------- nonces
+
+
+def tcp_nonce(sender_outbound: bool, seq: int) -> bytes:
+    """Nonce of TCP message number ``seq`` sent by the dialler (True) or the listener."""
+    if not 0 <= seq < 1 << 64:
+        raise ValueError(f"sequence number {seq} does not fit in 64 bits")
+    return _nonce(sender_outbound, True, seq.to_bytes(8, "big"))
+
+
+def udp_nonce(sender_outbound: bool, seq: bytes) -> bytes:
+    """Nonce of a UDP (sleeve) packet; ``seq`` is its 8-byte sequence field as sent."""
+    if len(seq) != 8:
+        raise ValueError(f"a UDP sequence field is 8 bytes, got {len(seq)}")
+    return _nonce(sender_outbound, False, bytes(seq))
+
+
+def _nonce(sender_outbound: bool, tcp: bool, seq: bytes) -> bytes:
+    first = (_OUTBOUND_BIT if sender_outbound else 0) | (_TCP_BIT if tcp else 0)
+    return bytes((first,)) + bytes(_SEQ_OFFSET - 1) + seq
+
+
+# ---------------------------------------------------------------- sealing
+
+
+def _check_key(key: bytes) -> bytes:
+    if len(key) != KEY_SIZE:
+        raise ValueError(f"a session key is {KEY_SIZE} bytes, got {len(key)}")
+    return bytes(key)
+
+
+class TcpSealer:
+    """Seals the messages one end sends, numbering them from 0."""
+
+    def __init__(self, session_key: bytes, outbound: bool) -> None:
+        self._key = _check_key(session_key)
+        self._outbound = outbound
+        self.seq = 0
+
+    def seal(self, msg: bytes) -> bytes:
+        nonce = tcp_nonce(self._outbound, self.seq)
+        self.seq += 1
+        return nacl.bindings.crypto_secretbox(bytes(msg), nonce, self._key)
+
+
+class TcpOpener:
+    """Opens the messages the other end sends; ``outbound`` is *our* role."""
+
+    def __init__(self, session_key: bytes, outbound: bool) -> None:
+        self._key = _check_key(session_key)
+        self._remote_outbound = not outbound
+        self.seq = 0
+
+    def open(self, box: bytes) -> bytes:
+        if len(box) < SEAL_OVERHEAD:
+            raise ProtocolError(f"Unable to decrypt TCP msg: {len(box)} bytes is shorter than the MAC")
+        nonce = tcp_nonce(self._remote_outbound, self.seq)
+        try:
+            msg = nacl.bindings.crypto_secretbox_open(bytes(box), nonce, self._key)
+        except nacl.exceptions.CryptoError:
+            raise ProtocolError(
+                f"Unable to decrypt TCP msg number {self.seq} "
+                "(wrong password, or a message was lost, replayed or altered)"
+            ) from None
+        # Only a successful open moves the counter, so a forged message cannot desync it.
+        self.seq += 1
+        return msg
+
+
+# ---------------------------------------------------------------- codecs
+
+
+class Codec(Protocol):
+    """What a connection needs from its codec once the handshake is done."""
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def encrypted(self) -> bool: ...
+
+    def encode_frame(self, payload: bytes) -> bytes: ...
+
+    def feed(self, data: bytes) -> list[bytes]: ...
+
+
+class FrameCodec:
+    """Protocol v2: length-prefixed frames, sealed when there is a session key.
+
+    ``outbound`` is True on the end that dialled. Stream data that arrived during the
+    handshake is handed over with ``queue``. After any error the codec keeps raising:
+    the stream is unusable (frames of the failing ``feed`` call are dropped with it,
+    since the connection is going away).
+    """
+
+    version = 2
+
+    def __init__(
+        self,
+        session_key: bytes | None = None,
+        outbound: bool = False,
+        *,
+        max_frame_size: int = MAX_FRAME_SIZE,
+    ) -> None:
+        self._sealer = TcpSealer(session_key, outbound) if session_key is not None else None
+        self._opener = TcpOpener(session_key, outbound) if session_key is not None else None
+        self._reader = FrameReader(max_frame_size)
+        self._max = max_frame_size
+        self._pending = b""
+        self._error: ProtocolError | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self._sealer is not None
+
+    def queue(self, data: bytes) -> None:
+        """Hold stream bytes for the next ``feed`` (``feed(b"")`` will do) to decode."""
+        self._pending += data
+
+    def encode_frame(self, payload: bytes) -> bytes:
+        # Checked before sealing: a refused message must not use up a nonce.
+        size = len(payload) + (SEAL_OVERHEAD if self._sealer is not None else 0)
+        if size > self._max:
+            raise ValueError(f"outgoing message exceeds maximum size: {size} > {self._max}")
+        data = self._sealer.seal(payload) if self._sealer is not None else bytes(payload)
+        return frame(data)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._error is not None:
+            raise self._error
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        try:
+            frames = self._reader.feed(data)
+            if self._opener is not None:
+                frames = [self._opener.open(f) for f in frames]
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        return frames
+
+
+def _peek_uint(buf: bytes | bytearray, pos: int) -> tuple[int, int] | None:
+    """A gob uint at ``pos`` as (value, end), or None if it is not all there yet."""
+    if pos >= len(buf):
+        return None
+    first = buf[pos]
+    if first < 0x80:
+        return first, pos + 1
+    size = 256 - first
+    if size > 8:
+        raise GobError(f"encoded unsigned integer out of range (length byte {first:#04x})")
+    if pos + 1 + size > len(buf):
+        return None
+    return int.from_bytes(buf[pos + 1 : pos + 1 + size], "big"), pos + 1 + size
+
+
+class GobMessageSplitter:
+    """Cuts a gob stream into whole messages (each with its length prefix)."""
+
+    def __init__(self, max_size: int = MAX_FRAME_SIZE) -> None:
+        self._buf = bytearray()
+        self._max = max_size
+
+    def take_rest(self) -> bytes:
+        """The bytes not yet part of a whole message (and forget them)."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        pos = 0
+        while True:
+            head = _peek_uint(self._buf, pos)
+            if head is None:
+                break
+            length, start = head
+            if length == 0:
+                raise GobError("empty gob message")
+            if length > self._max:
+                raise ProtocolError(f"incoming gob message exceeds maximum size: {length} > {self._max}")
+            if start + length > len(self._buf):
+                break
+            out.append(bytes(self._buf[pos : start + length]))
+            pos = start + length
+        del self._buf[:pos]
+        return out
+
+
+def is_definition(message: bytes) -> bool:
+    """Whether a whole gob message (as split above) defines a type rather than carrying a value."""
+    head = _peek_uint(message, 0)
+    if head is None:
+        raise GobError("truncated gob message")
+    type_id, _ = decode_int(message, head[1])
+    return type_id < 0
+
+
+class GobFrameCodec:
+    """Protocol v1: every message is one gob ``[]byte`` value, sealed when encrypted.
+
+    ``definitions`` are the type-definition messages already seen on the incoming
+    stream (v1 streams last for the whole connection, so definitions stay valid).
+    """
+
+    version = 1
+
+    def __init__(
+        self,
+        session_key: bytes | None = None,
+        outbound: bool = False,
+        *,
+        definitions: bytes = b"",
+        max_message_size: int = MAX_FRAME_SIZE,
+    ) -> None:
+        self._sealer = TcpSealer(session_key, outbound) if session_key is not None else None
+        self._opener = TcpOpener(session_key, outbound) if session_key is not None else None
+        self._splitter = GobMessageSplitter(max_message_size)
+        self._definitions = bytes(definitions)
+        self._pending = b""
+        self._error: ProtocolError | GobError | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self._sealer is not None
+
+    def queue(self, data: bytes) -> None:
+        """Hold stream bytes for the next ``feed`` (``feed(b"")`` will do) to decode."""
+        self._pending += data
+
+    def encode_frame(self, payload: bytes) -> bytes:
+        data = self._sealer.seal(payload) if self._sealer is not None else bytes(payload)
+        # []byte is a built-in gob type: no definitions, so a fresh encoder writes the same bytes.
+        return encode(data, BYTES)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self._error is not None:
+            raise self._error
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        try:
+            out: list[bytes] = []
+            for message in self._splitter.feed(data):
+                if is_definition(message):
+                    # Checked by the Decoder together with the next value.
+                    self._definitions += message
+                    continue
+                dec = Decoder(self._definitions + message)
+                payload = dec.decode(BYTES)
+                if not dec.at_end:
+                    raise GobError("unexpected data after a v1 message")
+                out.append(self._opener.open(payload) if self._opener is not None else payload)
+        except (ProtocolError, GobError) as exc:
+            self._error = exc
+            raise
+        return out
