@@ -15,8 +15,9 @@ decoded gives Go's bytes.
 from __future__ import annotations
 
 import struct as _struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from struct import error as struct_error
 from typing import Any
 
 from router.errors import GobError
@@ -38,6 +39,16 @@ _MAX_DEPTH = 64
 
 
 # ---------------------------------------------------------------- schemas
+
+
+def _cached_hash(self: Any) -> int:
+    # Schemas are nested frozen dataclasses used as dict keys on hot paths; hashing them
+    # recursively every time costs more than the encoding itself.
+    h = self.__dict__.get("_hash")
+    if h is None:
+        h = hash((type(self).__name__, *(getattr(self, n) for n in self.__dataclass_fields__)))
+        object.__setattr__(self, "_hash", h)
+    return h
 
 
 @dataclass(frozen=True)
@@ -62,12 +73,14 @@ _INTERFACE_ID = 8
 
 @dataclass(frozen=True)
 class SliceType:
+    __hash__ = _cached_hash
     elem: GobType
     name: str = ""
 
 
 @dataclass(frozen=True)
 class ArrayType:
+    __hash__ = _cached_hash
     elem: GobType
     length: int
     name: str = ""
@@ -75,6 +88,7 @@ class ArrayType:
 
 @dataclass(frozen=True)
 class MapType:
+    __hash__ = _cached_hash
     key: GobType
     elem: GobType
     name: str = ""
@@ -82,6 +96,7 @@ class MapType:
 
 @dataclass(frozen=True)
 class Field:
+    __hash__ = _cached_hash
     name: str
     type: GobType
     # A Go pointer to a struct: None (nil) is omitted instead of sent as a zero struct.
@@ -90,6 +105,7 @@ class Field:
 
 @dataclass(frozen=True)
 class StructType:
+    __hash__ = _cached_hash
     name: str
     fields: tuple[Field, ...] = field(default_factory=tuple)
 
@@ -248,27 +264,6 @@ def _bits_float(u: int) -> float:
 # ---------------------------------------------------------------- encoding
 
 
-def _is_zero_field(f: Field, value: Any) -> bool:
-    """Go's rule for struct fields that are left out of the encoding."""
-    if value is None:
-        return True
-    t = f.type
-    if isinstance(t, Builtin):
-        if t in (BYTES, STRING):
-            return len(value) == 0
-        return not value
-    if isinstance(t, SliceType):
-        return len(value) == 0
-    # Maps are omitted only when nil (None); arrays and present structs are always sent.
-    return False
-
-
-def _get(value: Any, name: str) -> Any:
-    if isinstance(value, Mapping):
-        return value.get(name)
-    return getattr(value, name, None)
-
-
 class Encoder:
     """One gob stream. Weave uses a fresh one for every message."""
 
@@ -334,7 +329,7 @@ class Encoder:
             return
         self._sent.add(t)
         body = bytearray(encode_int(-self._ids[t]))
-        self._struct(_WIRE_TYPE, self._definition(t), body, 0)
+        _encode_value(_WIRE_TYPE, self._definition(t), body)
         out += encode_uint(len(body))
         out += body
         if isinstance(t, StructType):
@@ -352,79 +347,166 @@ class Encoder:
         type_id = self._assign(typ)
         self._define(typ, out)
         body = bytearray(encode_int(type_id))
-        if isinstance(typ, StructType):
-            self._struct(typ, value, body, 0)
-        else:
+        if not isinstance(typ, StructType):
             body.append(0)  # the "singleton" field delta of a non-struct top-level value
-            self._value(typ, value, body, 0)
+        _encode_value(typ, value, body)
         out += encode_uint(len(body))
         out += body
         return bytes(out)
 
-    def _struct(self, t: StructType, value: Any, out: bytearray, depth: int) -> None:
-        if depth > _MAX_DEPTH:
-            raise GobError("value nested too deeply to encode")
+
+# Value encoding does not depend on type ids, so one compiled function per schema serves
+# every stream.
+_Enc = Callable[[Any, bytearray], None]
+_ENCODERS: dict[GobType, _Enc] = {}
+
+
+def _encode_value(t: GobType, value: Any, out: bytearray) -> None:
+    try:
+        _encoder(t)(value, out)
+    except (TypeError, AttributeError, OverflowError, ValueError, struct_error) as exc:
+        raise GobError(f"cannot encode {_short(value)} as {_describe(t)}: {exc}") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def _enc_uint(x: int, out: bytearray) -> None:
+    if 0 <= x < 0x80:
+        out.append(x)
+    else:
+        out += encode_uint(x)
+
+
+def _enc_int(i: int, out: bytearray) -> None:
+    out += encode_int(i)
+
+
+def _enc_string(v: str, out: bytearray) -> None:
+    b = v.encode("utf-8", "surrogateescape")
+    _enc_uint(len(b), out)
+    out += b
+
+
+def _enc_bytes(v: bytes, out: bytearray) -> None:
+    if not isinstance(v, bytes | bytearray | memoryview):
+        raise TypeError(f"expected bytes, got {type(v).__name__}")
+    _enc_uint(len(v), out)
+    out += v
+
+
+def _enc_bool(v: Any, out: bytearray) -> None:
+    out.append(1 if v else 0)
+
+
+def _enc_float(v: Any, out: bytearray) -> None:
+    _enc_uint(_float_bits(float(v)), out)
+
+
+def _enc_complex(v: Any, out: bytearray) -> None:
+    c = complex(v)
+    _enc_uint(_float_bits(c.real), out)
+    _enc_uint(_float_bits(c.imag), out)
+
+
+_BUILTIN_ENCODERS: dict[int, _Enc] = {
+    1: _enc_bool, 2: _enc_int, 3: _enc_uint, 4: _enc_float, 5: _enc_bytes, 6: _enc_string, 7: _enc_complex,
+}
+
+
+def _zero_test(f: Field) -> Callable[[Any], bool] | None:
+    """Go's rule for struct fields left out of the encoding (besides None)."""
+    t = f.type
+    if isinstance(t, Builtin):
+        if t.id in (5, 6):
+            return lambda v: len(v) == 0
+        return lambda v: not v
+    if isinstance(t, SliceType):
+        return lambda v: len(v) == 0
+    # Maps are omitted only when nil (None); arrays and present structs are always sent.
+    return None
+
+
+def _encoder(t: GobType, depth: int = 0) -> _Enc:
+    fn = _ENCODERS.get(t)
+    if fn is not None:
+        return fn
+    if depth > _MAX_DEPTH:
+        raise GobError("value nested too deeply to encode")
+    if isinstance(t, Builtin):
+        fn = _BUILTIN_ENCODERS[t.id]
+    elif isinstance(t, StructType):
+        fn = _struct_encoder(t, depth)
+    elif isinstance(t, SliceType):
+        fn = _slice_encoder(_encoder(t.elem, depth + 1), t)
+    elif isinstance(t, ArrayType):
+        fn = _array_encoder(_encoder(t.elem, depth + 1), t)
+    elif isinstance(t, MapType):
+        fn = _map_encoder(_encoder(t.key, depth + 1), _encoder(t.elem, depth + 1), t)
+    else:
+        raise GobError(f"not a gob type: {t!r}")
+    _ENCODERS[t] = fn
+    return fn
+
+
+def _struct_encoder(t: StructType, depth: int) -> _Enc:
+    plan = [(num, f.name, _encoder(f.type, depth + 1), _zero_test(f)) for num, f in enumerate(t.fields)]
+
+    def enc(value: Any, out: bytearray) -> None:
+        get = value.get if isinstance(value, Mapping) else lambda name: getattr(value, name, None)
         last = -1
-        for num, f in enumerate(t.fields):
-            v = _get(value, f.name)
-            if _is_zero_field(f, v):
+        for num, name, field_enc, is_zero in plan:
+            v = get(name)
+            if v is None or (is_zero is not None and is_zero(v)):
                 continue
-            out += encode_uint(num - last)
+            out.append(num - last)  # field deltas stay far below 128
             last = num
-            self._value(f.type, v, out, depth + 1)
+            field_enc(v, out)
         out.append(0)
 
-    def _value(self, t: GobType, v: Any, out: bytearray, depth: int) -> None:
-        if depth > _MAX_DEPTH:
-            raise GobError("value nested too deeply to encode")
-        try:
-            if isinstance(t, Builtin):
-                i = t.id
-                if i == 3:
-                    out += encode_uint(v)
-                elif i == 2:
-                    out += encode_int(v)
-                elif i == 6:
-                    b = v.encode("utf-8", "surrogateescape")
-                    out += encode_uint(len(b))
-                    out += b
-                elif i == 5:
-                    out += encode_uint(len(v))
-                    out += v
-                elif i == 1:
-                    out.append(1 if v else 0)
-                elif i == 4:
-                    out += encode_uint(_float_bits(float(v)))
-                else:
-                    c = complex(v)
-                    out += encode_uint(_float_bits(c.real))
-                    out += encode_uint(_float_bits(c.imag))
-            elif isinstance(t, StructType):
-                self._struct(t, v, out, depth)
-            elif isinstance(t, SliceType):
-                out += encode_uint(len(v))
-                for item in v:
-                    self._element(t.elem, item, out, depth)
-            elif isinstance(t, ArrayType):
-                if len(v) != t.length:
-                    raise GobError(f"array of length {t.length} given {len(v)} elements")
-                out += encode_uint(t.length)
-                for item in v:
-                    self._element(t.elem, item, out, depth)
-            elif isinstance(t, MapType):
-                out += encode_uint(len(v))
-                for k, item in v.items():
-                    self._element(t.key, k, out, depth)
-                    self._element(t.elem, item, out, depth)
-            else:
-                raise GobError(f"not a gob type: {t!r}")
-        except (TypeError, AttributeError, OverflowError) as exc:
-            raise GobError(f"cannot encode {v!r} as {t!r}: {exc}") from None
+    return enc
 
-    def _element(self, t: GobType, v: Any, out: bytearray, depth: int) -> None:
-        if v is None:
-            raise GobError(f"cannot encode a nil element of {t!r}")
-        self._value(t, v, out, depth + 1)
+
+def _nil_element(t: GobType) -> GobError:
+    return GobError(f"cannot encode a nil element of {_describe(t)}")
+
+
+def _slice_encoder(elem: _Enc, t: SliceType) -> _Enc:
+    def enc(value: Any, out: bytearray) -> None:
+        _enc_uint(len(value), out)
+        for item in value:
+            if item is None:
+                raise _nil_element(t)
+            elem(item, out)
+
+    return enc
+
+
+def _array_encoder(elem: _Enc, t: ArrayType) -> _Enc:
+    def enc(value: Any, out: bytearray) -> None:
+        if len(value) != t.length:
+            raise GobError(f"array of length {t.length} given {len(value)} elements")
+        _enc_uint(t.length, out)
+        for item in value:
+            if item is None:
+                raise _nil_element(t)
+            elem(item, out)
+
+    return enc
+
+
+def _map_encoder(key: _Enc, elem: _Enc, t: MapType) -> _Enc:
+    def enc(value: Any, out: bytearray) -> None:
+        _enc_uint(len(value), out)
+        for k, item in value.items():
+            if item is None:
+                raise _nil_element(t)
+            key(k, out)
+            elem(item, out)
+
+    return enc
 
 
 def encode(value: Any, typ: GobType, type_ids: Mapping[GobType, int] | None = None) -> bytes:
@@ -478,6 +560,13 @@ class Decoder:
         self._types: dict[int, _WireDef] = dict(_PREDEFINED_TABLE)
         # The end of the message being decoded; reads never go past it.
         self._end = 0
+        self._depth = 0
+        self._plans: dict[tuple[int, int], Callable[[], Any]] = {}
+        self._expects: list[GobType | None] = []
+        self._builtin_readers: dict[int, Callable[[], Any]] = {
+            1: self._bool, 2: self._int, 3: self._uint, 4: self._float,
+            5: self._bytes, 6: self._string, 7: self._complex,
+        }
 
     @property
     def at_end(self) -> bool:
@@ -517,7 +606,8 @@ class Decoder:
             raise GobError(f"gob definition for reserved type id {type_id}")
         if type_id in self._types:
             raise GobError(f"duplicate gob type definition for id {type_id}")
-        wire = self._struct(self._types[16], _WIRE_TYPE, 0)
+        self._depth = 0
+        wire = self._plan(16, _WIRE_TYPE)()
         if self._pos != self._end:
             raise GobError(f"extra data after gob type definition {type_id}")
         present = [k for k in _KIND_NAMES if wire.get(k) is not None]
@@ -545,7 +635,13 @@ class Decoder:
     # -- primitive reads, bounded by the current message
 
     def _uint(self) -> int:
-        v, self._pos = decode_uint(self._buf, self._pos, self._end)
+        pos = self._pos
+        if pos < self._end:
+            c = self._buf[pos]
+            if c < 0x80:  # most uints on the wire are one byte
+                self._pos = pos + 1
+                return c
+        v, self._pos = decode_uint(self._buf, pos, self._end)
         return v
 
     def _int(self) -> int:
@@ -577,101 +673,154 @@ class Decoder:
             raise GobError(f"unknown gob type id {type_id} (not defined in this stream)") from None
 
     def _top_value(self, type_id: int, expect: GobType | None) -> Any:
-        if type_id not in _BUILTINS:
-            wire = self._lookup(type_id)
-            if wire.kind == "struct":
-                return self._struct(wire, expect, 0)
-        if self._uint() != 0:
-            raise GobError("non-zero delta for singleton: top-level value lacks its 00 marker")
-        return self._value(type_id, expect, 0)
+        self._depth = 0
+        if type_id in _BUILTINS or self._lookup(type_id).kind != "struct":
+            if self._uint() != 0:
+                raise GobError("non-zero delta for singleton: top-level value lacks its 00 marker")
+        return self._plan(type_id, expect)()
 
-    def _value(self, type_id: int, expect: GobType | None, depth: int) -> Any:
-        if depth > _MAX_DEPTH:
-            raise GobError("gob value nested too deeply")
+    # Decoding is compiled: each (wire type, local type) pair gets a closure the first time
+    # a value of it appears in this stream, and components are compiled on first use, so
+    # a recursive wire type compiles lazily instead of forever.
+
+    def _plan(self, type_id: int, expect: GobType | None) -> Callable[[], Any]:
+        key = (type_id, id(expect))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._compile(type_id, expect)
+            self._plans[key] = plan
+            self._expects.append(expect)  # keeps id(expect) unique while cached
+        return plan
+
+    def _compile(self, type_id: int, expect: GobType | None) -> Callable[[], Any]:
         builtin = _BUILTINS.get(type_id)
         if builtin is not None:
             if expect is not None and expect != builtin:
                 raise GobError(f"type mismatch: wire sends {builtin.name}, expected {_describe(expect)}")
-            return self._builtin(type_id)
+            return self._builtin_readers[type_id]
         wire = self._lookup(type_id)
-        kind = wire.kind
-        if expect is not None and not _kind_matches(kind, expect):
-            raise GobError(f"type mismatch: wire sends {kind} {wire.name!r}, expected {_describe(expect)}")
-        if kind == "struct":
-            return self._struct(wire, expect, depth)
-        if kind == "slice":
-            n = self._count("slice")
-            elem = expect.elem if expect is not None else None  # type: ignore[union-attr]
-            return [self._value(wire.elem, elem, depth + 1) for _ in range(n)]
-        if kind == "array":
-            n = self._count("array")
-            if n != wire.length:
-                raise GobError(f"gob array length mismatch: type says {wire.length}, value has {n}")
-            if isinstance(expect, ArrayType) and expect.length != n:
-                raise GobError(f"gob array length {n} where {expect.length} expected")
-            elem = expect.elem if expect is not None else None  # type: ignore[union-attr]
-            return [self._value(wire.elem, elem, depth + 1) for _ in range(n)]
-        if kind == "map":
-            n = self._count("map", 2)
-            kt = expect.key if expect is not None else None  # type: ignore[union-attr]
-            et = expect.elem if expect is not None else None  # type: ignore[union-attr]
-            out: dict[Any, Any] = {}
-            for _ in range(n):
-                k = self._value(wire.key, kt, depth + 1)
-                try:
-                    out[k] = self._value(wire.elem, et, depth + 1)
-                except TypeError:
-                    raise GobError(f"gob map key {k!r} cannot be used as a key") from None
-            return out
-        return self._bytes()  # opaque GobEncoder payload
+        if expect is not None and not _kind_matches(wire.kind, expect):
+            raise GobError(
+                f"type mismatch: wire sends {wire.kind} {wire.name!r}, expected {_describe(expect)}"
+            )
+        if wire.kind == "struct":
+            return self._compile_struct(wire, expect)  # type: ignore[arg-type]
+        if wire.kind == "opaque":
+            return self._bytes
+        return self._compile_container(wire, expect)
 
-    def _builtin(self, type_id: int) -> Any:
-        if type_id == 3:
-            return self._uint()
-        if type_id == 2:
-            return self._int()
-        if type_id == 6:
-            return self._bytes().decode("utf-8", "surrogateescape")
-        if type_id == 5:
-            return self._bytes()
-        if type_id == 1:
-            return self._uint() != 0
-        if type_id == 4:
-            return _bits_float(self._uint())
+    def _enter(self) -> None:
+        self._depth += 1
+        if self._depth > _MAX_DEPTH:
+            raise GobError("gob value nested too deeply")
+
+    def _compile_container(self, wire: _WireDef, expect: Any) -> Callable[[], Any]:
+        kind = wire.kind
+        elem_t = expect.elem if expect is not None else None
+        elem: list[Callable[[], Any]] = []
+        key: list[Callable[[], Any]] = []
+
+        def elem_plan() -> Callable[[], Any]:
+            if not elem:
+                elem.append(self._plan(wire.elem, elem_t))
+            return elem[0]
+
+        if kind == "map":
+            key_t = expect.key if expect is not None else None
+
+            def read_map() -> dict[Any, Any]:
+                self._enter()
+                n = self._count("map", 2)
+                if not key:
+                    key.append(self._plan(wire.key, key_t))
+                read_key, read_elem = key[0], elem_plan()
+                out: dict[Any, Any] = {}
+                for _ in range(n):
+                    k = read_key()
+                    try:
+                        out[k] = read_elem()
+                    except TypeError:
+                        raise GobError(f"gob map key {_short(k)} cannot be used as a key") from None
+                self._depth -= 1
+                return out
+
+            return read_map
+
+        length = wire.length
+        if kind == "array" and isinstance(expect, ArrayType) and expect.length != length:
+            raise GobError(f"gob array length {length} where {expect.length} expected")
+
+        def read_list() -> list[Any]:
+            self._enter()
+            n = self._count(kind)
+            if kind == "array" and n != length:
+                raise GobError(f"gob array length mismatch: type says {length}, value has {n}")
+            read = elem_plan()
+            out = [read() for _ in range(n)]
+            self._depth -= 1
+            return out
+
+        return read_list
+
+    def _compile_struct(self, wire: _WireDef, expect: StructType | None) -> Callable[[], GobStruct]:
+        names = [name for name, _ in wire.fields]
+        count = len(names)
+        readers: list[Callable[[], Any] | None] = [None] * count
+        local = None if expect is None else {f.name: f for f in expect.fields}
+        keep = [local is None or name in local for name in names]
+        if expect is not None:
+            struct_name = expect.name
+            zeros = [(f.name, f) for f in expect.fields]
+        else:
+            struct_name = wire.name
+            zeros = [(name, fid) for name, fid in wire.fields]
+
+        def reader(num: int) -> Callable[[], Any]:
+            fn = readers[num]
+            if fn is None:
+                name, fid = wire.fields[num]
+                field_t = local[name].type if local is not None and name in local else None
+                fn = readers[num] = self._plan(fid, field_t)
+            return fn
+
+        read_uint = self._uint
+
+        def read_struct() -> GobStruct:
+            self._enter()
+            values: dict[str, Any] = {}
+            num = -1
+            while True:
+                delta = read_uint()
+                if delta == 0:
+                    break
+                num += delta
+                if num >= count:
+                    raise GobError(f"gob field number {num} out of bounds for struct {wire.name!r}")
+                value = (readers[num] or reader(num))()
+                if keep[num]:
+                    values[names[num]] = value
+            self._depth -= 1
+            if expect is not None:
+                full = {n: values[n] if n in values else _zero(f) for n, f in zeros}  # type: ignore[arg-type]
+            else:
+                wire_zero = self._wire_zero
+                full = {n: values[n] if n in values else wire_zero(fid) for n, fid in zeros}  # type: ignore[arg-type]
+            return GobStruct(struct_name, full)
+
+        return read_struct
+
+    def _string(self) -> str:
+        return self._bytes().decode("utf-8", "surrogateescape")
+
+    def _bool(self) -> bool:
+        return self._uint() != 0
+
+    def _float(self) -> float:
+        return _bits_float(self._uint())
+
+    def _complex(self) -> complex:
         real = _bits_float(self._uint())
         return complex(real, _bits_float(self._uint()))
-
-    def _struct(self, wire: _WireDef, expect: GobType | None, depth: int) -> GobStruct:
-        if depth > _MAX_DEPTH:
-            raise GobError("gob value nested too deeply")
-        local: dict[str, Field] | None = None
-        if isinstance(expect, StructType):
-            local = {f.name: f for f in expect.fields}
-        elif expect is not None:
-            raise GobError(f"type mismatch: wire sends struct {wire.name!r}, expected {_describe(expect)}")
-        values: dict[str, Any] = {}
-        num = -1
-        while True:
-            delta = self._uint()
-            if delta == 0:
-                break
-            num += delta
-            if num >= len(wire.fields):
-                raise GobError(f"gob field number {num} out of bounds for struct {wire.name!r}")
-            fname, fid = wire.fields[num]
-            if local is None:
-                values[fname] = self._value(fid, None, depth + 1)
-            elif fname in local:
-                values[fname] = self._value(fid, local[fname].type, depth + 1)
-            else:
-                self._value(fid, None, depth + 1)  # Go skips fields the receiver lacks
-        if local is not None:
-            full = {f.name: values[f.name] if f.name in values else _zero(f) for f in expect.fields}  # type: ignore[union-attr]
-            return GobStruct(expect.name, full)  # type: ignore[union-attr]
-        for fname, fid in wire.fields:
-            if fname not in values:
-                values[fname] = self._wire_zero(fid)
-        return GobStruct(wire.name, {fname: values[fname] for fname, _ in wire.fields})
 
     def _wire_zero(self, type_id: int) -> Any:
         builtin = _BUILTINS.get(type_id)
