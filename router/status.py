@@ -10,6 +10,8 @@ from router.peername import format_peer_name
 
 PROTOCOL_MIN = 1
 PROTOCOL_MAX = 2
+# Connections are confirmed by a stand-in until the sleeve and fastdp overlays exist.
+OVERLAY_NAME = "stand-in"
 
 
 def _peer_label(name: int, nickname: str) -> str:
@@ -47,10 +49,10 @@ def router_report(mesh: Mesh) -> dict[str, Any]:
         attrs: dict[str, Any] = {}
         info = ""
         if conn.remote is not None:
-            attrs = {"name": "stand-in", "mtu": 0}
+            attrs = {"name": OVERLAY_NAME, "mtu": 0}
             if conn.encrypted:
                 attrs["encrypted"] = True
-            info = f"{conn.state:<11} {_peer_label(conn.remote.name, conn.remote.nickname)}"
+            info = f"{OVERLAY_NAME} {_peer_label(conn.remote.name, conn.remote.nickname)}"
         connections.append(
             {
                 "Address": conn.address if not conn.outbound else (conn.target or conn.address),
@@ -100,13 +102,26 @@ def router_report(mesh: Mesh) -> dict[str, Any]:
         "Connections": connections,
         "TerminationCount": mesh.termination_count,
         "Targets": mesh.maker.direct_targets(),
-        "OverlayDiagnostics": {},
+        "OverlayDiagnostics": {OVERLAY_NAME: None},
         "TrustedSubnets": [str(n) for n in mesh.config.trusted_subnets],
+        "Interface": "",
+        "MACs": [],
     }
 
 
 def report(mesh: Mesh) -> dict[str, Any]:
-    return {"Ready": True, "Version": __version__, "Router": router_report(mesh)}
+    return {
+        "Ready": True,
+        "Version": __version__,
+        # pyweave never phones home.
+        "VersionCheck": {
+            "Enabled": False,
+            "Success": False,
+            "NewVersion": "",
+            "NextCheckAt": "0001-01-01T00:00:00Z",
+        },
+        "Router": router_report(mesh),
+    }
 
 
 def _plural(n: int, word: str) -> str:
@@ -148,10 +163,8 @@ def connections_text(rep: dict[str, Any]) -> str:
         attrs = c["Attrs"] or {}
         if attrs:
             enc = "encrypted  " if attrs.get("encrypted") else "unencrypted"
-            info = c["Info"].split(None, 1)[1] if " " in c["Info"] else c["Info"]
-            overlay = attrs.get("name", "")
             mtu = f"mtu={attrs['mtu']}" if attrs.get("mtu") else ""
-            line = f"{arrow} {c['Address']:<21} {c['State']:<11} {overlay:<8} {info}  {enc} {mtu}"
+            line = f"{arrow} {c['Address']:<21} {c['State']:<11} {c['Info']}  {enc} {mtu}"
             out.append(line.rstrip())
         else:
             out.append(f"{arrow} {c['Address']:<21} {c['State']:<11} {c['Info']}".rstrip())
