@@ -34,6 +34,7 @@ from router.gob import (
     encode_stream,
     encode_uint,
 )
+from weavedns.wire import DNS_GOSSIP
 
 
 def hx(text: str) -> bytes:
@@ -197,14 +198,6 @@ NAMESERVER_FRAME = hx("""
 01 0b 43 6f 6e 74 61 69 6e 65 72 49 44 01 0c 00 01 06 4f 72 69 67 69 6e 01 06 00 01 04 41 64 64
 72 01 06 00 01 08 48 6f 73 74 6e 61 6d 65 01 0c 00 01 07 56 65 72 73 69 6f 6e 01 04 00 01 09 54
 6f 6d 62 73 74 6f 6e 65 01 04 00 00 00 09 ff ac 01 fc d6 02 53 bc 00""")
-
-DNS_ENTRY = StructType("Entry", (
-    Field("ContainerID", STRING), Field("Origin", UINT), Field("Addr", UINT), Field("Hostname", STRING),
-    Field("Version", INT), Field("Tombstone", INT),
-))
-DNS_ENTRIES = SliceType(DNS_ENTRY, "Entries")
-DNS_GOSSIP = StructType("GossipData", (Field("Timestamp", INT), Field("Entries", DNS_ENTRIES)))
-
 
 def test_nameserver_golden_frame() -> None:
     assert int.from_bytes(NAMESERVER_FRAME[:4], "big") == len(NAMESERVER_FRAME) - 4

@@ -1,0 +1,495 @@
+"""weaveDNS query -> response logic (sans-IO; dnslib is used as a codec only).
+
+Rules, as Weave's nameserver applies them (weave-net.md §6):
+
+- Names in the domain (default ``weave.local.``) and single-label names (the domain is
+  appended) are answered locally: A records for live entries, shuffled per response;
+  another type for a known name gives NOERROR with no answers (RFC 4074); an unknown
+  name gives NXDOMAIN.
+- ``<a.b.c.d>.in-addr.arpa.`` PTR queries for an address we hold are answered with the
+  entry's hostname; unknown addresses are forwarded; other types there give NXDOMAIN.
+- Everything else is forwarded upstream (``Forward``); all upstreams failing gives
+  SERVFAIL (`error_response`).
+- Local answers carry AA and RA; error replies RA only. TTL defaults to 1 s.
+- UDP replies with more than one answer are cut to the largest prefix of the shuffled
+  answers that fits 512 bytes (or the client's EDNS0 size) and get TC; TCP is unlimited.
+- Requests are screened the way Weave's DNS library does: responses are ignored,
+  opcodes other than QUERY get NOTIMP, and a count other than one question (or more
+  than one answer / authority or two additional records), or a body that does not
+  parse, gets FORMERR.
+
+Fast path: a query that is a plain single question is looked up by its raw question
+bytes in a cache of pre-built reply tails (counts + question + answers, one per answer
+order for up to four answers), so a hit costs a dict lookup and a concatenation with
+the query's ID and flags. The cache is emptied whenever the zone's `version` changes.
+Everything else goes through dnslib and gives the same replies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from dnslib import PTR, RR, A, DNSHeader, DNSLabel, DNSRecord
+
+from weavedns.wire import format_addr
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Zone", "Forward", "AnswerEngine", "DEFAULT_DOMAIN", "DEFAULT_TTL", "MIN_UDP_SIZE", "fqdn", "in_domain",
+]
+
+DEFAULT_DOMAIN = "weave.local."
+DEFAULT_TTL = 1
+MIN_UDP_SIZE = 512
+MAX_TCP_SIZE = 65535
+
+TYPE_A = 1
+TYPE_PTR = 12
+TYPE_OPT = 41
+CLASS_IN = 1
+
+RCODE_NOERROR = 0
+RCODE_FORMERR = 1
+RCODE_SERVFAIL = 2
+RCODE_NXDOMAIN = 3
+RCODE_NOTIMP = 4
+
+_QR = 0x8000
+_AA = 0x0400
+_TC = 0x0200
+_RD = 0x0100
+_RA = 0x0080
+_CD = 0x0010
+_ECHOED = _RD | _CD  # bits a reply copies from the query (miekg SetReply)
+
+# Pre-built orders are kept for up to this many answers (4! = 24 tails).
+_MAX_PREBUILT_ANSWERS = 4
+_REVERSE_SUFFIX = (b"in-addr", b"arpa")
+_MAX_NAME = 255
+
+
+class Zone(Protocol):
+    """What the answer logic needs from the records (weavedns.records.Nameserver)."""
+
+    @property
+    def version(self) -> int: ...
+
+    def addresses(self, name: bytes) -> Sequence[int]:
+        """Live IPv4 addresses for a lowercase fully-qualified name like b"a.weave.local."."""
+        ...
+
+    def hostname_for(self, addr: int) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Decision: ask the upstream servers. `max_size` is the client's UDP limit (None: TCP)."""
+
+    max_size: int | None
+
+
+def fqdn(name: str) -> str:
+    return name if name.endswith(".") else name + "."
+
+
+def in_domain(hostname: str, domain: str = DEFAULT_DOMAIN) -> bool:
+    """True if `hostname` is `domain` or below it (case-insensitive); Weave ignores others."""
+    name, dom = fqdn(hostname).lower(), fqdn(domain).lower()
+    return name == dom or name.endswith("." + dom) or dom == "."
+
+
+# ------------------------------------------------------------------ decisions
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    rcode: int
+    authoritative: bool
+    addrs: tuple[int, ...] = ()
+    ptr: tuple[bytes, ...] | None = None  # PTR target labels
+    forward: bool = False
+
+
+_FORWARD = _Plan(RCODE_NOERROR, False, forward=True)
+_NXDOMAIN = _Plan(RCODE_NXDOMAIN, False)
+_EMPTY = _Plan(RCODE_NOERROR, True)
+
+
+def _name_text(labels: Sequence[bytes]) -> bytes:
+    # Escape dots and backslashes inside labels (as DNS presentation format does) so a
+    # label holding "." can never be taken for a label boundary.
+    return b"".join(lab.replace(b"\\", b"\\\\").replace(b".", b"\\.") + b"." for lab in labels)
+
+
+def _hostname_labels(hostname: str) -> tuple[bytes, ...] | None:
+    """A stored hostname as wire labels, or None if it cannot be encoded."""
+    raw = hostname.encode("utf-8", "surrogateescape")
+    if raw.endswith(b"."):
+        raw = raw[:-1]
+    if not raw:
+        return None
+    labels = tuple(raw.split(b"."))
+    if any(not 0 < len(lab) < 64 for lab in labels) or sum(len(lab) + 1 for lab in labels) + 1 > _MAX_NAME:
+        return None
+    return labels
+
+
+def _parse_reverse(labels: Sequence[bytes]) -> int | None:
+    """The address of d.c.b.a.in-addr.arpa. as an int, or None if not exactly four octets."""
+    if len(labels) != 6:
+        return None
+    addr = 0
+    for lab in reversed(labels[:4]):
+        if not lab.isdigit() or len(lab) > 3 or (len(lab) > 1 and lab[0] == 0x30):
+            return None
+        octet = int(lab)
+        if octet > 255:
+            return None
+        addr = (addr << 8) | octet
+    return addr
+
+
+def _encode_labels(labels: Sequence[bytes]) -> bytes:
+    return b"".join(bytes((len(lab),)) + lab for lab in labels) + b"\x00"
+
+
+# ------------------------------------------------------------------ fast-path cache entries
+
+
+class _Compiled:
+    """A pre-built reply for one exact question (bytes from offset 12 of the query)."""
+
+    __slots__ = ("forward", "flags", "tails", "rrs", "question", "full_len")
+
+    def __init__(
+        self, forward: bool, base_flags: int, question: bytes, rrs: tuple[bytes, ...], rcode: int
+    ) -> None:
+        self.forward = forward
+        self.question = question
+        self.rrs = rrs
+        # The two reply flag bytes for each combination of the query's RD and CD bits.
+        base = base_flags | rcode
+        self.flags = {echo: struct.pack("!H", base | echo) for echo in (0, _RD, _CD, _RD | _CD)}
+        self.full_len = 12 + len(question) + sum(len(rr) for rr in rrs)
+        if len(rrs) <= _MAX_PREBUILT_ANSWERS:
+            head = struct.pack("!HHHH", 1, len(rrs), 0, 0) + question
+            orders = itertools.permutations(rrs) if len(rrs) > 1 else (rrs,)
+            self.tails: tuple[bytes, ...] = tuple(head + b"".join(order) for order in orders)
+        else:
+            self.tails = ()
+
+
+# ------------------------------------------------------------------ the engine
+
+
+class AnswerEngine:
+    """Turns a DNS query (bytes) into a reply (bytes), a Forward decision, or None (drop)."""
+
+    def __init__(
+        self,
+        zone: Zone,
+        domain: str = DEFAULT_DOMAIN,
+        ttl: int = DEFAULT_TTL,
+        rng: random.Random | None = None,
+        cache_size: int = 4096,
+    ) -> None:
+        self.zone = zone
+        self.domain = fqdn(domain)
+        self._domain_labels = tuple(
+            lab.encode("ascii").lower() for lab in self.domain.rstrip(".").split(".") if lab
+        )
+        if not 0 <= ttl < 2**31:
+            raise ValueError(f"TTL {ttl} out of range")
+        self.ttl = ttl
+        self._ttl_bytes = struct.pack("!I", ttl)
+        self._rng = rng if rng is not None else random.Random()
+        self._cache: dict[bytes, _Compiled] = {}
+        self._cache_size = cache_size
+        self._cache_version: int | None = None
+
+    # ---------------------------------------------------------------- decisions
+
+    def _decide(self, labels: tuple[bytes, ...], qtype: int) -> _Plan:
+        """What to do for a question; `labels` are lowercased."""
+        if not labels:
+            return _FORWARD  # the root: nothing of ours (Weave would make it ".weave.local.")
+        dom = self._domain_labels
+        if len(labels) == 1:
+            labels = labels + dom
+        if labels[len(labels) - len(dom):] == dom:
+            addrs = self.zone.addresses(_name_text(labels))
+            if not addrs:
+                return _NXDOMAIN
+            if qtype != TYPE_A:
+                return _EMPTY
+            return _Plan(RCODE_NOERROR, True, addrs=tuple(addrs))
+        if labels[-2:] == _REVERSE_SUFFIX:
+            if qtype != TYPE_PTR:
+                return _NXDOMAIN
+            addr = _parse_reverse(labels)
+            if addr is None:
+                return _NXDOMAIN
+            hostname = self.zone.hostname_for(addr)
+            target = None if hostname is None else _hostname_labels(hostname)
+            if target is None:
+                return _FORWARD
+            return _Plan(RCODE_NOERROR, True, ptr=target)
+        return _FORWARD
+
+    def _a_rr(self, addr: int) -> bytes:
+        # Owner name: a pointer to the question name at offset 12.
+        return b"\xc0\x0c\x00\x01\x00\x01" + self._ttl_bytes + b"\x00\x04" + addr.to_bytes(4, "big")
+
+    def _ptr_rr(self, target: tuple[bytes, ...]) -> bytes:
+        rdata = _encode_labels(target)
+        return b"\xc0\x0c\x00\x0c\x00\x01" + self._ttl_bytes + struct.pack("!H", len(rdata)) + rdata
+
+    # ---------------------------------------------------------------- public API
+
+    def answer(self, query: bytes, tcp: bool = False) -> bytes | Forward | None:
+        """The reply to send, Forward (ask upstream), or None (send nothing)."""
+        if type(query) is not bytes:
+            query = bytes(query)
+        # A new dict per zone version (not clear()): a thread still filling the old one
+        # after a change can then never put stale data into the current one.
+        version = self.zone.version
+        if version != self._cache_version:
+            self._cache = {}
+            self._cache_version = version
+        cache = self._cache
+        n = len(query)
+        # Fast path: QR=0, opcode QUERY, counts 1/0/0/<=2.
+        if n < 17 or query[2] & 0xF8 or query[4:10] != b"\x00\x01\x00\x00\x00\x00" or query[10]:
+            return self._answer_general(query, tcp)
+        ar = query[11]
+        if ar > 2:
+            return self._answer_general(query, tcp)
+        qend = query.find(0, 12) + 5
+        if qend < 17 or qend > n:
+            return self._answer_general(query, tcp)
+        key = query[12:qend]
+        hit = cache.get(key)
+        if hit is None:
+            hit = self._compile(key, cache)
+            if hit is None:
+                return self._answer_general(query, tcp)
+        max_size = MAX_TCP_SIZE if tcp else MIN_UDP_SIZE
+        if ar:
+            edns = _edns_size(query, qend, ar)
+            if edns < 0:
+                return self._error(query, RCODE_FORMERR, with_question=False)
+            if not tcp and edns > MIN_UDP_SIZE:
+                max_size = edns
+        if hit.forward:
+            return Forward(None if tcp else max_size)
+        flags = hit.flags[((query[2] << 8) | query[3]) & _ECHOED]
+        if hit.full_len > max_size and len(hit.rrs) > 1:
+            return self._truncated(query[:2], hit, flags, max_size)
+        tails = hit.tails
+        if tails:
+            if len(tails) == 1:
+                return query[:2] + flags + tails[0]
+            return query[:2] + flags + tails[int(self._rng.random() * len(tails))]
+        rrs = list(hit.rrs)
+        self._rng.shuffle(rrs)
+        return query[:2] + flags + struct.pack("!HHHH", 1, len(rrs), 0, 0) + hit.question + b"".join(rrs)
+
+    def _compile(self, question: bytes, cache: dict[bytes, _Compiled]) -> _Compiled | None:
+        """Build the cache entry for raw question bytes, or None if the fast parse does not apply."""
+        labels: list[bytes] = []
+        pos = 0
+        end = len(question) - 5  # the terminating zero byte
+        while pos < end:
+            length = question[pos]
+            if length > 63:
+                return None  # compression pointer or extended label: use the general path
+            labels.append(question[pos + 1 : pos + 1 + length].lower())
+            pos += 1 + length
+        if pos != end or end + 1 > _MAX_NAME:
+            return None  # a zero byte inside a label: the first zero was not the terminator
+        qtype = (question[-4] << 8) | question[-3]
+        compiled = self._compile_plan(self._decide(tuple(labels), qtype), question)
+        if len(cache) >= self._cache_size:
+            cache.clear()
+        cache[question] = compiled
+        return compiled
+
+    def _compile_plan(self, plan: _Plan, question: bytes) -> _Compiled:
+        if plan.forward:
+            return _Compiled(True, 0, question, (), 0)
+        if plan.ptr is not None:
+            rrs: tuple[bytes, ...] = (self._ptr_rr(plan.ptr),)
+        else:
+            rrs = tuple(self._a_rr(a) for a in plan.addrs)
+        base = _QR | _RA | (_AA if plan.authoritative else 0)
+        return _Compiled(False, base, question, rrs, plan.rcode)
+
+    def _truncated(self, qid: bytes, hit: _Compiled, flags: bytes, max_size: int) -> bytes:
+        rrs = list(hit.rrs)
+        self._rng.shuffle(rrs)
+        room = max_size - 12 - len(hit.question)
+        keep = 0
+        used = 0
+        for rr in rrs:
+            if used + len(rr) > room:
+                break
+            used += len(rr)
+            keep += 1
+        flag_value = struct.unpack("!H", flags)[0] | _TC
+        return (
+            qid + struct.pack("!HHHHH", flag_value, 1, keep, 0, 0) + hit.question + b"".join(rrs[:keep])
+        )
+
+    # ---------------------------------------------------------------- general path (dnslib)
+
+    def _answer_general(self, query: bytes, tcp: bool) -> bytes | Forward | None:
+        if len(query) < 12:
+            return None  # not even a header: nothing to reply to
+        qid, flags, qd, an, ns, ar = struct.unpack_from("!6H", query)
+        if flags & _QR:
+            return None
+        if (flags >> 11) & 0xF != 0:
+            return self._error(query, RCODE_NOTIMP, with_question=False)
+        if qd != 1 or an > 1 or ns > 1 or ar > 2:
+            return self._error(query, RCODE_FORMERR, with_question=False)
+        try:
+            request = DNSRecord.parse(query)
+        except Exception as exc:  # dnslib raises assorted errors on malformed input
+            log.debug("malformed DNS query: %s", exc)
+            return self._error(query, RCODE_FORMERR, with_question=False)
+        return self.answer_record(request, tcp)
+
+    def answer_record(self, request: DNSRecord, tcp: bool = False) -> bytes | Forward:
+        """Answer a parsed query with dnslib encoding (the reference the fast path matches)."""
+        question = request.questions[0]
+        labels = tuple(bytes(lab).lower() for lab in question.qname.label)
+        max_size = MAX_TCP_SIZE if tcp else MIN_UDP_SIZE
+        for rr in request.ar:
+            if rr.rtype == TYPE_OPT and not tcp and rr.rclass > MIN_UDP_SIZE:
+                max_size = rr.rclass
+        plan = self._decide(labels, question.qtype)
+        if plan.forward:
+            return Forward(None if tcp else max_size)
+        reply = DNSRecord(
+            DNSHeader(
+                id=request.header.id, qr=1, opcode=0, aa=int(plan.authoritative), rd=request.header.rd,
+                ra=1, rcode=plan.rcode,
+            ),
+            q=question,
+        )
+        reply.header.cd = request.header.cd
+        answers: list[RR] = []
+        if plan.ptr is not None:
+            answers.append(RR(question.qname, TYPE_PTR, ttl=self.ttl, rdata=PTR(DNSLabel(plan.ptr))))
+        else:
+            order = list(plan.addrs)
+            self._rng.shuffle(order)
+            answers = [RR(question.qname, TYPE_A, ttl=self.ttl, rdata=A(format_addr(a))) for a in order]
+        reply.rr = answers
+        packed = bytes(reply.pack())
+        if len(answers) > 1 and len(packed) > max_size:
+            # Largest prefix that fits, as Weave's binary search finds it.
+            keep = len(answers) - 1
+            while keep > 0:
+                reply.rr = answers[:keep]
+                if len(reply.pack()) <= max_size:
+                    break
+                keep -= 1
+            reply.rr = answers[:keep]
+            reply.header.tc = 1
+            packed = bytes(reply.pack())
+        return packed
+
+    # ---------------------------------------------------------------- errors and relaying
+
+    def error_response(self, query: bytes, rcode: int = RCODE_SERVFAIL) -> bytes | None:
+        """An error reply (RA set, question echoed), e.g. SERVFAIL when every upstream failed."""
+        return self._error(query, rcode, with_question=True)
+
+    def _error(self, query: bytes, rcode: int, with_question: bool) -> bytes | None:
+        if len(query) < 12:
+            return None
+        qid, flags = struct.unpack_from("!HH", query)
+        opcode = flags & 0x7800 if rcode == RCODE_NOTIMP else 0
+        if not with_question:
+            # miekg's reject path: header only, RD/CD copied, no RA.
+            return struct.pack("!6H", qid, _QR | opcode | (flags & _ECHOED) | rcode, 0, 0, 0, 0)
+        question = _raw_question(query)
+        reply_flags = _QR | (flags & _ECHOED) | _RA | rcode
+        if question is None:
+            return struct.pack("!6H", qid, reply_flags, 0, 0, 0, 0)
+        return struct.pack("!6H", qid, reply_flags, 1, 0, 0, 0) + question
+
+    def relay(self, query: bytes, response: bytes, max_size: int | None) -> bytes:
+        """An upstream's reply, given back to the client: its ID restored, fitted to UDP limits.
+
+        Weave passes upstream replies through (compressed if too big); one that still
+        exceeds the client's limit is cut to header and question with TC set.
+        """
+        response = query[:2] + response[2:]
+        if max_size is None or len(response) <= max_size:
+            return response
+        try:
+            record = DNSRecord.parse(response)
+            packed = bytes(record.pack())  # dnslib compresses names
+            if len(packed) <= max_size:
+                return packed
+            cut = DNSRecord(DNSHeader(id=record.header.id, bitmap=record.header.bitmap, tc=1), q=record.q)
+            return bytes(cut.pack())
+        except Exception as exc:  # an upstream reply we cannot parse: hand it on unchanged
+            log.debug("cannot re-encode upstream reply: %s", exc)
+            return response
+
+
+def _raw_question(query: bytes) -> bytes | None:
+    """The first question's bytes when it is uncompressed and intact, else None."""
+    if len(query) < 17:
+        return None
+    pos = 12
+    n = len(query)
+    while pos < n:
+        length = query[pos]
+        if length == 0:
+            end = pos + 5
+            return query[12:end] if end <= n else None
+        if length > 63:
+            return None
+        pos += 1 + length
+    return None
+
+
+def _edns_size(query: bytes, pos: int, count: int) -> int:
+    """The EDNS0 UDP size from the additional records at `pos` (0: none), or -1 if malformed."""
+    n = len(query)
+    size = 0
+    for _ in range(count):
+        # Owner name (the root for OPT; tolerate any name, pointers end it).
+        while True:
+            if pos >= n:
+                return -1
+            length = query[pos]
+            if length == 0:
+                pos += 1
+                break
+            if length >= 0xC0:
+                pos += 2
+                break
+            if length > 63:
+                return -1
+            pos += 1 + length
+        if pos + 10 > n:
+            return -1
+        rtype, rclass, _ttl, rdlen = struct.unpack_from("!HHIH", query, pos)
+        pos += 10 + rdlen
+        if pos > n:
+            return -1
+        if rtype == TYPE_OPT:
+            size = rclass
+    return size

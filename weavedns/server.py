@@ -1,0 +1,324 @@
+"""The weaveDNS server driver: UDP and TCP on one address.
+
+UDP is served by a dedicated thread running a tight blocking ``recvfrom``/``sendto``
+loop over `AnswerEngine.answer` (whose cache makes a local answer a dict lookup plus a
+concatenation); only queries that must be forwarded upstream are handed to trio, with
+`TrioToken.run_sync_soon` so the loop never waits for them. TCP (rare, low volume) and
+forwarding run as trio tasks. `DNSServer.run` is a trio task: start it with
+``await nursery.start(server.run)``; cancelling it stops everything.
+
+Bad input never stops the server: the engine drops or answers FORMERR, and any
+unexpected error is logged and the packet dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from weavedns.answer import DEFAULT_DOMAIN, DEFAULT_TTL, AnswerEngine, Forward
+from weavedns.records import Nameserver
+from weavedns.upstream import DEFAULT_TIMEOUT, Forwarder, UpstreamConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DNSServer", "ServerStats", "make_server"]
+
+# Queries are small; anything longer than this is cut by the kernel and then fails to parse.
+_UDP_RECV_SIZE = 4096
+# A larger receive buffer absorbs bursts while the UDP thread waits for the GIL.
+_UDP_RCVBUF = 1 << 20
+_TCP_IDLE_TIMEOUT = 10.0
+_MAX_TCP_CONNECTIONS = 256
+# Forwards waiting for an upstream at once; beyond this new ones get SERVFAIL at once.
+_MAX_PENDING_FORWARDS = 1024
+
+
+@dataclass
+class ServerStats:
+    udp_queries: int = 0
+    tcp_queries: int = 0
+    forwarded: int = 0
+    servfail: int = 0
+    errors: int = 0
+
+
+class DNSServer:
+    """weaveDNS on `host`:`port` (port 0 picks a free port, the same for UDP and TCP)."""
+
+    def __init__(
+        self,
+        engine: AnswerEngine,
+        forwarder: Forwarder | None,
+        host: str = "0.0.0.0",
+        port: int = 53,
+        *,
+        tcp: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.forwarder = forwarder
+        self.host = host
+        self.port = port
+        self.tcp = tcp
+        self.stats = ServerStats()
+        self.address: tuple[str, int] | None = None
+        self._udp: socket.socket | None = None
+        self._stopping = False
+        self._pending_forwards = 0
+        # Forward bookkeeping is touched by the UDP thread and the trio thread.
+        self._lock = threading.Lock()
+        self._tcp_connections = 0
+        self._nursery: trio.Nursery | None = None
+
+    def report(self, nameserver: Nameserver) -> dict[str, Any]:
+        """The DNS section of Weave's /report."""
+        return {
+            "Domain": self.engine.domain,
+            "Upstream": [host for host, _ in self.forwarder.servers()] if self.forwarder else [],
+            "Address": f"{self.host}:{self.port}",
+            "TTL": self.engine.ttl,
+            "Entries": [e.to_report() for e in nameserver.entries()],
+        }
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        udp, listeners = await self._bind()
+        self._udp = udp
+        self._stopping = False
+        self.address = udp.getsockname()[:2]
+        token = trio.lowlevel.current_trio_token()
+        thread: threading.Thread | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                name = f"weavedns-udp-{self.address[1]}"
+                thread = threading.Thread(target=self._udp_loop, args=(udp, token), name=name, daemon=True)
+                thread.start()
+                if listeners:
+                    nursery.start_soon(self._serve_tcp, listeners)
+                log.info("weaveDNS listening on %s:%d (domain %s)", *self.address, self.engine.domain)
+                task_status.started(self.address)
+                await trio.sleep_forever()
+        finally:
+            self._stopping = True
+            if thread is not None:
+                self._wake(udp)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(thread.join, 2.0)
+                if thread.is_alive():
+                    log.warning("UDP thread did not stop in time")
+            udp.close()
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+
+    async def _bind(self) -> tuple[socket.socket, list[trio.SocketListener]]:
+        attempts = 20 if self.port == 0 else 1
+        for attempt in range(attempts):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RCVBUF)
+                udp.bind((self.host, self.port))
+                port = udp.getsockname()[1]
+                listeners = [await self._tcp_listener(port)] if self.tcp else []
+                return udp, listeners
+            except OSError as exc:
+                udp.close()
+                if exc.errno != errno.EADDRINUSE or attempt == attempts - 1:
+                    raise
+            except BaseException:
+                udp.close()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _tcp_listener(self, port: int) -> trio.SocketListener:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await sock.bind((self.host, port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        return trio.SocketListener(sock)
+
+    def _wake(self, udp: socket.socket) -> None:
+        """Unblock the UDP thread's recvfrom with an empty datagram to ourselves."""
+        host, port = udp.getsockname()[:2]
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"", (host, port))
+        except OSError as exc:
+            log.debug("could not wake UDP thread: %s", exc)
+
+    # ------------------------------------------------------------ UDP
+
+    def _udp_loop(self, sock: socket.socket, token: trio.lowlevel.TrioToken) -> None:
+        recv = sock.recvfrom
+        send = sock.sendto
+        answer = self.engine.answer
+        stats = self.stats
+        while True:
+            try:
+                data, addr = recv(_UDP_RECV_SIZE)
+            except OSError as exc:
+                if self._stopping:
+                    return
+                log.debug("UDP receive failed: %s", exc)
+                continue
+            if self._stopping:
+                return
+            stats.udp_queries += 1
+            try:
+                reply = answer(data)
+            except Exception:
+                stats.errors += 1
+                log.exception("error answering a UDP query from %s", addr)
+                continue
+            if isinstance(reply, Forward):
+                reply = self._dispatch_forward(token, data, addr, reply)
+            if reply is None:
+                continue
+            try:
+                send(reply, addr)
+            except OSError as exc:
+                log.debug("UDP send to %s failed: %s", addr, exc)
+
+    def _dispatch_forward(
+        self, token: trio.lowlevel.TrioToken, data: bytes, addr: tuple[str, int], decision: Forward
+    ) -> bytes | None:
+        """Hand a forward to trio; returns a reply to send now if that is not possible."""
+        with self._lock:
+            busy = self.forwarder is None or self._pending_forwards >= _MAX_PENDING_FORWARDS
+            if busy:
+                self.stats.servfail += 1
+            else:
+                self._pending_forwards += 1
+        if busy:
+            return self.engine.error_response(data)
+        try:
+            token.run_sync_soon(self._start_udp_forward, data, addr, decision.max_size)
+        except trio.RunFinishedError:
+            self._forward_done()
+        return None
+
+    def _forward_done(self) -> None:
+        with self._lock:
+            self._pending_forwards -= 1
+
+    def _start_udp_forward(self, data: bytes, addr: tuple[str, int], max_size: int | None) -> None:
+        if self._nursery is None:
+            self._forward_done()
+            return
+        try:
+            self._nursery.start_soon(self._udp_forward, data, addr, max_size)
+        except RuntimeError:  # nursery closed: shutting down
+            self._forward_done()
+
+    async def _udp_forward(self, data: bytes, addr: tuple[str, int], max_size: int | None) -> None:
+        try:
+            reply = await self._forward(data, tcp=False, max_size=max_size)
+        finally:
+            self._forward_done()
+        if reply is not None and self._udp is not None and not self._stopping:
+            try:
+                self._udp.sendto(reply, addr)
+            except OSError as exc:
+                log.debug("UDP send to %s failed: %s", addr, exc)
+
+    async def _forward(self, data: bytes, tcp: bool, max_size: int | None) -> bytes | None:
+        with self._lock:
+            self.stats.forwarded += 1
+        response = await self.forwarder.query(data, tcp=tcp) if self.forwarder is not None else None
+        if response is None:
+            with self._lock:
+                self.stats.servfail += 1
+            return self.engine.error_response(data)
+        return self.engine.relay(data, response, max_size)
+
+    # ------------------------------------------------------------ TCP
+
+    async def _serve_tcp(self, listeners: list[trio.SocketListener]) -> None:
+        await trio.serve_listeners(self._tcp_connection, listeners)
+
+    async def _tcp_connection(self, stream: trio.SocketStream) -> None:
+        if self._tcp_connections >= _MAX_TCP_CONNECTIONS:
+            await stream.aclose()
+            return
+        self._tcp_connections += 1
+        try:
+            async with stream:
+                buf = bytearray()
+                while True:
+                    data = await self._read_message(stream, buf)
+                    if data is None:
+                        return
+                    reply = await self._tcp_reply(data)
+                    if reply is not None:
+                        await stream.send_all(struct.pack("!H", len(reply)) + reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._tcp_connections -= 1
+
+    async def _read_message(self, stream: trio.SocketStream, buf: bytearray) -> bytes | None:
+        """The next length-prefixed message, or None on EOF/idle timeout."""
+        with trio.move_on_after(_TCP_IDLE_TIMEOUT):
+            while True:
+                if len(buf) >= 2:
+                    size = (buf[0] << 8) | buf[1]
+                    if len(buf) >= 2 + size:
+                        data = bytes(buf[2 : 2 + size])
+                        del buf[: 2 + size]
+                        return data
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return None
+                buf += chunk
+        return None
+
+    async def _tcp_reply(self, data: bytes) -> bytes | None:
+        self.stats.tcp_queries += 1
+        try:
+            reply = self.engine.answer(data, tcp=True)
+        except Exception:
+            self.stats.errors += 1
+            log.exception("error answering a TCP query")
+            return None
+        if isinstance(reply, Forward):
+            return await self._forward(data, tcp=True, max_size=None)
+        return reply
+
+
+def make_server(
+    nameserver: Nameserver,
+    listen: str = "0.0.0.0:53",
+    *,
+    domain: str = DEFAULT_DOMAIN,
+    ttl: int = DEFAULT_TTL,
+    resolv_conf: str | None = "/etc/resolv.conf",
+    effective_address: str | None = None,
+    fallback_timeout: float = DEFAULT_TIMEOUT,
+) -> DNSServer:
+    """weaveDNS as weaver's --dns-* flags describe it (resolv_conf None: no forwarding).
+
+    `effective_address` (the address containers are told to use, e.g. the docker0 IP)
+    is filtered out of the upstream list, as is the listen host.
+    """
+    host, _, port = listen.rpartition(":")
+    host = host or "0.0.0.0"
+    forwarder = None
+    if resolv_conf is not None:
+        exclude = [a for a in (host, effective_address) if a and a != "0.0.0.0"]
+        forwarder = Forwarder(UpstreamConfig(resolv_conf, exclude=exclude).servers, timeout=fallback_timeout)
+    return DNSServer(AnswerEngine(nameserver, domain=domain, ttl=ttl), forwarder, host, int(port))
