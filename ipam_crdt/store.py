@@ -1,0 +1,223 @@
+"""Persistence of IPAM state: our peer name, the ring, and who owns which address.
+
+The allocator writes through a store as it goes (the ring on every change, an ident's
+addresses on every allocation or release), and each write is committed before the call
+returns, so an address handed out is never handed out again after a crash.
+
+On load, data written under another peer name or for another range is discarded, with
+a log line saying why, as Weave does: reusing it would put stale ring entries into the
+network.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ipam_crdt.address import CIDR, Range
+from ipam_crdt.errors import IPAMError, StoreError
+from ipam_crdt.naming import peer_str
+from ipam_crdt.ring import Ring
+from ipam_crdt.wire import RingData, decode_ring, encode_ring
+from router.errors import WireError
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "ipam.sqlite3"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class OwnedData:
+    """The addresses one ident owns (Weave's `ownedData`)."""
+
+    is_container: bool
+    cidrs: list[CIDR] = field(default_factory=list)
+
+
+@dataclass
+class Persisted:
+    ring: Ring
+    owned: dict[str, OwnedData]
+
+
+class IPAMStore(Protocol):
+    def load(self, our_name: int, universe: Range) -> Persisted | None:
+        """Our persisted state, or None (nothing stored, or stored for another name/range)."""
+        ...
+
+    def save_ring(self, our_name: int, ring: Ring) -> None: ...
+
+    def save_owned(self, ident: str, data: OwnedData | None) -> None:
+        """Record an ident's addresses; None forgets the ident."""
+        ...
+
+    def clear(self) -> None: ...
+
+
+def _check_loaded(
+    our_name: int, universe: Range, name: int | None, ring: Ring | None
+) -> str | None:
+    """Why stored data must be discarded, or None if it is usable."""
+    if name is None or ring is None:
+        return "No valid persisted data"
+    if name != our_name:
+        return f"Deleting persisted data for peername {peer_str(name)}"
+    if ring.range != universe:
+        return f"Deleting persisted data for IPAM range {ring.range}; our range is {universe}"
+    return None
+
+
+class MemoryStore:
+    """A store in memory; `snapshot()`/`restore()` model a disk that survives a restart."""
+
+    def __init__(self) -> None:
+        self.name: int | None = None
+        self.ring: Ring | None = None
+        self.owned: dict[str, OwnedData] = {}
+        self.writes = 0
+
+    def load(self, our_name: int, universe: Range) -> Persisted | None:
+        reason = _check_loaded(our_name, universe, self.name, self.ring)
+        if reason is not None:
+            if self.name is not None or self.owned:
+                log.info("%s", reason)
+            self.clear()
+            return None
+        assert self.ring is not None
+        return Persisted(self.ring.copy(our_name), {k: _copy_owned(v) for k, v in self.owned.items()})
+
+    def save_ring(self, our_name: int, ring: Ring) -> None:
+        self.name = our_name
+        self.ring = ring.copy()
+        self.writes += 1
+
+    def save_owned(self, ident: str, data: OwnedData | None) -> None:
+        if data is None or not data.cidrs:
+            self.owned.pop(ident, None)
+        else:
+            self.owned[ident] = _copy_owned(data)
+        self.writes += 1
+
+    def clear(self) -> None:
+        self.name = None
+        self.ring = None
+        self.owned = {}
+
+    def snapshot(self) -> MemoryStore:
+        copy = MemoryStore()
+        copy.name = self.name
+        copy.ring = None if self.ring is None else self.ring.copy()
+        copy.owned = {k: _copy_owned(v) for k, v in self.owned.items()}
+        return copy
+
+
+def _copy_owned(d: OwnedData) -> OwnedData:
+    return OwnedData(d.is_container, list(d.cidrs))
+
+
+class SqliteStore:
+    """IPAM state in `<directory>/ipam.sqlite3`; every write is its own committed transaction."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.path = Path(directory) / DB_FILE
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The allocator is single-threaded, but a service may run it in a worker thread.
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS owned ("
+                " ident TEXT PRIMARY KEY, is_container INTEGER NOT NULL, cidrs TEXT NOT NULL)"
+            )
+            self._check_version()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open IPAM database {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _check_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('version', ?)", (SCHEMA_VERSION,))
+        elif row[0] != SCHEMA_VERSION:
+            raise StoreError(
+                f"IPAM database {self.path} has schema version {row[0]}, this program uses {SCHEMA_VERSION}"
+            )
+
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write IPAM database {self.path}: {exc}") from None
+
+    def load(self, our_name: int, universe: Range) -> Persisted | None:
+        try:
+            meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+            rows = self._db.execute("SELECT ident, is_container, cidrs FROM owned ORDER BY rowid").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read IPAM database {self.path}: {exc}") from None
+        name = meta.get("peername")
+        ring = None
+        if "ring" in meta:
+            try:
+                ring = decode_ring(meta["ring"]).to_ring()
+            except (WireError, IPAMError) as exc:
+                log.warning("IPAM database %s holds an unreadable ring (%s); ignoring it", self.path, exc)
+        reason = _check_loaded(our_name, universe, None if name is None else int(name), ring)
+        if reason is not None:
+            if name is not None or rows:
+                log.info("%s", reason)
+            self.clear()
+            return None
+        assert ring is not None
+        owned = {}
+        for ident, is_container, cidrs in rows:
+            try:
+                owned[ident] = OwnedData(bool(is_container), [CIDR.parse(c) for c in cidrs.split(",") if c])
+            except IPAMError as exc:
+                log.warning("IPAM database: dropping unreadable addresses of %s (%s)", ident, exc)
+        ring.peer = our_name
+        return Persisted(ring, owned)
+
+    def save_ring(self, our_name: int, ring: Ring) -> None:
+        blob = encode_ring(RingData.of(ring))
+        self._write([
+            ("INSERT OR REPLACE INTO meta VALUES ('peername', ?)", (str(our_name),)),
+            ("INSERT OR REPLACE INTO meta VALUES ('ring', ?)", (blob,)),
+        ])
+
+    def save_owned(self, ident: str, data: OwnedData | None) -> None:
+        if data is None or not data.cidrs:
+            self._write([("DELETE FROM owned WHERE ident = ?", (ident,))])
+            return
+        cidrs = ",".join(str(c) for c in data.cidrs)
+        self._write([
+            ("INSERT INTO owned VALUES (?, ?, ?) ON CONFLICT(ident) DO UPDATE SET"
+             " is_container = excluded.is_container, cidrs = excluded.cidrs",
+             (ident, int(data.is_container), cidrs)),
+        ])  # fmt: skip
+
+    def clear(self) -> None:
+        self._write([
+            ("DELETE FROM meta WHERE key IN ('peername', 'ring')", ()),
+            ("DELETE FROM owned", ()),
+        ])  # fmt: skip
+
+    def owned_snapshot(self) -> Mapping[str, OwnedData]:
+        rows = self._db.execute("SELECT ident, is_container, cidrs FROM owned ORDER BY rowid").fetchall()
+        return {i: OwnedData(bool(c), [CIDR.parse(x) for x in s.split(",") if x]) for i, c, s in rows}
+
