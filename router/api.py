@@ -44,6 +44,29 @@ class MeshCollector:
             "weave_connection_terminations", "Number of peer-to-peer connections terminated.",
             value=self.mesh.termination_count,
         )
+        # pyweave's own: gossip traffic by channel (frames as written, length prefix included).
+        for name, help_text, counts in (
+            ("pyweave_gossip_bytes_sent", "Bytes of gossip sent, by channel.", self.mesh.gossip_bytes_sent),
+            (
+                "pyweave_gossip_messages_sent",
+                "Gossip messages sent, by channel.",
+                self.mesh.gossip_messages_sent,
+            ),
+            (
+                "pyweave_gossip_bytes_received",
+                "Bytes of gossip received (decrypted), by channel.",
+                self.mesh.gossip_bytes_received,
+            ),
+            (
+                "pyweave_gossip_messages_received",
+                "Gossip messages received, by channel.",
+                self.mesh.gossip_messages_received,
+            ),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["channel"])
+            for channel in sorted({"topology", *counts}):
+                family.add_metric([channel], counts.get(channel, 0))
+            yield family
 
 
 def _template(fmt: str, data: Any) -> str:

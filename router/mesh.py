@@ -8,11 +8,14 @@ password, garbage, a stall) ends that connection alone, with the reason logged.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import math
+import os
 import random
 import secrets
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,17 +35,43 @@ log = logging.getLogger(__name__)
 
 GOSSIP_INTERVAL = 30.0
 HEARTBEAT_INTERVAL = 30.0
+# Test-only knob: PYWEAVE_HEARTBEAT_INTERVAL=<seconds> replaces the 30 s TCP heartbeat
+# interval, and with it the read timeout (always twice the interval), so tests can see
+# a dead connection (a partition) go away in seconds rather than a minute. Weave has no
+# such setting; production routers should leave it unset.
+HEARTBEAT_ENV = "PYWEAVE_HEARTBEAT_INTERVAL"
 READ_TIMEOUT = 2 * HEARTBEAT_INTERVAL
 HANDSHAKE_TIMEOUT = 10.0
 DIAL_TIMEOUT = 10.0
-# Weave coalesces topology updates for 1 s; a shorter pause converges faster and the
-# payloads are small.
-TOPOLOGY_FLUSH_DELAY = 0.05
+# Neighbour gossip for one peer is held this long and merged before it is sent (Weave
+# coalesces topology updates for 1 s; a shorter pause converges faster). Messages that
+# are not merged (broadcasts, unicasts, full state, heartbeats) are never held.
+GOSSIP_COALESCE = float(os.environ.get("PYWEAVE_EXP_RELAY", "0.05"))
+TOPOLOGY_FLUSH_DELAY = float(os.environ.get("PYWEAVE_EXP_LOCAL", "0"))
 SEND_QUEUE_LENGTH = 1024
 ACCEPT_BURST = 20
 ACCEPT_REFILL = 0.05
 MAX_SURROGATES = 64
 TOPOLOGY_CHANNEL = "topology"
+
+
+def heartbeat_interval_from_env() -> float:
+    """HEARTBEAT_INTERVAL, or the PYWEAVE_HEARTBEAT_INTERVAL test knob if it is set."""
+    text = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not text:
+        return HEARTBEAT_INTERVAL
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < math.inf:
+        log.warning("ignoring %s=%r: not a positive number of seconds", HEARTBEAT_ENV, text)
+        return HEARTBEAT_INTERVAL
+    log.warning(
+        "%s=%s: TCP heartbeat every %g s, read timeout %g s (a test setting)",
+        HEARTBEAT_ENV, text, value, 2 * value,
+    )
+    return value
 
 
 @dataclass
@@ -58,6 +87,12 @@ class MeshConfig:
     min_version: int = 1
     initial_peers: list[str] = field(default_factory=list)
     overlays: tuple[str, ...] = ("sleeve",)
+    # Seconds between TCP heartbeats; a connection silent for twice this is dropped.
+    heartbeat_interval: float = field(default_factory=heartbeat_interval_from_env)
+
+    @property
+    def read_timeout(self) -> float:
+        return 2 * self.heartbeat_interval
 
 
 class TokenBucket:
@@ -96,7 +131,13 @@ class Connection:
         self.encrypted = False
         self.codec = None
         self.info = ""
-        self._send_in, self._send_out = trio.open_memory_channel[bytes](SEND_QUEUE_LENGTH)
+        # For the sender task: messages in order, each (message, its gossip channel or
+        # None), and neighbour gossip per channel, merged until it is sent (as mesh's
+        # GossipSender does), so a burst of topology changes costs one message per peer.
+        self._queue: deque[tuple[bytes, str | None]] = deque()
+        self._pending: dict[str, GossipData] = {}
+        self._pending_since = 0.0
+        self._wake = trio.Event()
         self._closing = trio.Event()
         self.close_reason = ""
 
@@ -110,16 +151,35 @@ class Connection:
             return self.address
         return f"{format_peer_name(self.remote.name)}({self.remote.nickname}) at {self.address}"
 
-    def send(self, tag: int, body: bytes = b"") -> bool:
-        """Queue one message; drops it (gossip is repaired by the next round) if the peer is too slow."""
-        try:
-            self._send_in.send_nowait(encode_message(tag, body))
-            return True
-        except trio.WouldBlock:
+    def send(self, tag: int, body: bytes = b"", channel: str | None = None) -> bool:
+        """Queue one message; drops it (gossip is repaired by the next round) if the peer is too slow.
+
+        `channel` names the gossip channel of a gossip message, for the byte counters."""
+        if self._closing.is_set():
+            return False
+        if len(self._queue) >= SEND_QUEUE_LENGTH:
             log.warning("send queue to %s full; dropping a %s message", self.describe(), Tag(tag).name)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        return False
+            return False
+        self._queue.append((encode_message(tag, body), channel))
+        self._wake.set()
+        return True
+
+    def gossip(self, channel: str, data: GossipData, now: float) -> None:
+        """Add neighbour gossip (tag 4) for this peer, merged with what is still unsent."""
+        if self._closing.is_set():
+            return
+        pending = self._pending.get(channel)
+        if pending is None:
+            if not self._pending:
+                self._pending_since = now
+            self._pending[channel] = data
+        else:
+            self._pending[channel] = pending.merge(data)
+        self._wake.set()
+
+    def take_pending(self) -> dict[str, GossipData]:
+        pending, self._pending = self._pending, {}
+        return pending
 
     def close(self, reason: str) -> None:
         if not self._closing.is_set():
@@ -141,6 +201,12 @@ class Mesh:
         self.all_connections: set[Connection] = set()
         self.channels: dict[str, Gossiper] = {}
         self.termination_count = 0
+        # Gossip sent (whole frames as written to the sockets) and received, by channel:
+        # Prometheus pyweave_gossip_{bytes,messages}_{sent,received}_total on /metrics.
+        self.gossip_bytes_sent: Counter[str] = Counter()
+        self.gossip_messages_sent: Counter[str] = Counter()
+        self.gossip_bytes_received: Counter[str] = Counter()
+        self.gossip_messages_received: Counter[str] = Counter()
         self.listening: list[tuple[str, int]] = []
         self._surrogates: dict[str, SurrogateGossiper] = {}
         self._topology_dirty: set[int] = set()
@@ -224,10 +290,17 @@ class Mesh:
                     continue
         return found
 
+    def _update_discovered(self, now: float) -> dict[str, int]:
+        """Tell the connection maker what gossip suggests; lower-named peers can wait for
+        the higher-named one to dial (see router.targets)."""
+        found = self._discovered()
+        self.maker.set_discovered(set(found), now, defer={a for a, n in found.items() if n < self.name})
+        return found
+
     async def _maker_loop(self) -> None:
         while True:
             now = trio.current_time()
-            self.maker.set_discovered(set(self._discovered()), now)
+            self._update_discovered(now)
             inbound_hosts = {
                 c.address.rpartition(":")[0] for c in self.connections.values() if not c.outbound
             }
@@ -254,11 +327,23 @@ class Mesh:
             self.maker.failed(address, trio.current_time(), reason)
             self._maker_event.set()
             return
-        peer = stream.socket.getpeername()
+        try:
+            peer = stream.socket.getpeername()
+        except OSError as exc:  # reset between connect and here
+            log.info("connection to %s failed: %s", address, exc.strerror or exc)
+            await trio.aclose_forcefully(stream)
+            self.maker.failed(address, trio.current_time(), f"connection lost: {exc.strerror or exc}")
+            self._maker_event.set()
+            return
         await self._run_connection(stream, True, f"{peer[0]}:{peer[1]}", address)
 
     async def _accept(self, stream: trio.SocketStream) -> None:
-        peer = stream.socket.getpeername()
+        # Runs under trio.serve_listeners: an exception here would stop the listener.
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:  # the peer is already gone
+            await trio.aclose_forcefully(stream)
+            return
         address = f"{peer[0]}:{peer[1]}"
         if not self._accepts.take(trio.current_time()):
             log.warning("rejecting connection from %s: accept rate limit", address)
@@ -307,6 +392,10 @@ class Mesh:
             error = "handshake timed out" if not registered else "timed out"
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             error = f"connection lost: {exc}" if str(exc) else "connection lost"
+        except Exception as exc:
+            # A bug handling this connection's traffic: it ends this connection only.
+            log.exception("internal error on connection %s", conn.describe())
+            error = f"internal error: {exc!r}"
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
@@ -341,7 +430,8 @@ class Mesh:
                 # same reason instead of seeing the connection vanish.
                 unsent = getattr(exc, "unsent", b"")
                 if unsent:
-                    with trio.move_on_after(1):
+                    # Best effort: a peer that has gone must not hide the real reason.
+                    with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, OSError):
                         await conn.stream.send_all(unsent)
                 raise
             if out:
@@ -382,7 +472,8 @@ class Mesh:
         if new or restarted:
             self._send_full_state(conn)
         else:
-            conn.send(Tag.GOSSIP, self._gossip_body(TOPOLOGY_CHANNEL, self.peers.encode_peers([self.name])))
+            body = self._gossip_body(TOPOLOGY_CHANNEL, self.peers.encode_peers([self.name]))
+            conn.send(Tag.GOSSIP, body, TOPOLOGY_CHANNEL)
 
     def _deregister(self, conn: Connection) -> None:
         name = conn.remote_name
@@ -397,13 +488,44 @@ class Mesh:
         self._topology_changed({self.name})
 
     async def _sender(self, conn: Connection) -> None:
-        assert conn.codec is not None
-        async for message in conn._send_out:
-            await conn.stream.send_all(conn.codec.encode_frame(message))
+        # Every task of a connection turns its failures into conn.close(reason): an
+        # exception escaping would reach the nursery (as an ExceptionGroup).
+        codec = conn.codec
+        assert codec is not None
+
+        async def write(message: bytes, channel: str | None) -> None:
+            data = codec.encode_frame(message)
+            await conn.stream.send_all(data)
+            if channel is not None:
+                self.gossip_bytes_sent[channel] += len(data)
+                self.gossip_messages_sent[channel] += 1
+
+        try:
+            while True:
+                if conn._queue:
+                    await write(*conn._queue.popleft())
+                    continue
+                if conn._pending:
+                    wait = conn._pending_since + GOSSIP_COALESCE - trio.current_time()
+                    if wait > 0:
+                        with trio.move_on_after(wait):
+                            await conn._wake.wait()  # queued messages don't wait
+                        conn._wake = trio.Event()
+                        continue
+                    # Encoded now, from the current state: the latest of every peer.
+                    for channel, data in conn.take_pending().items():
+                        for payload in data.encode():
+                            body = self._gossip_body(channel, payload)
+                            await write(encode_message(Tag.GOSSIP, body), channel)
+                    continue
+                await conn._wake.wait()
+                conn._wake = trio.Event()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            conn.close(f"connection lost: {exc}")
 
     async def _heartbeats(self, conn: Connection) -> None:
         while True:
-            await trio.sleep(HEARTBEAT_INTERVAL)
+            await trio.sleep(self.config.heartbeat_interval)
             conn.send(Tag.HEARTBEAT)
 
     async def _receiver(self, conn: Connection) -> None:
@@ -411,11 +533,12 @@ class Mesh:
         try:
             for frame in conn.codec.feed(b""):
                 self._dispatch(conn, frame)
+            read_timeout = self.config.read_timeout
             while True:
-                with trio.move_on_after(READ_TIMEOUT) as timeout:
+                with trio.move_on_after(read_timeout) as timeout:
                     data = await conn.stream.receive_some(65536)
                 if timeout.cancelled_caught:
-                    conn.close(f"no message for {READ_TIMEOUT:.0f} s")
+                    conn.close(f"no message for {read_timeout:g} s")
                     return
                 if not data:
                     conn.close("peer closed the connection")
@@ -437,6 +560,8 @@ class Mesh:
         if tag not in (Tag.GOSSIP, Tag.GOSSIP_UNICAST, Tag.GOSSIP_BROADCAST):
             return  # heartbeats, overlay control (no overlay yet), and tags we don't know
         msg = decode_gossip(tag, body)
+        self.gossip_bytes_received[msg.channel] += len(frame)
+        self.gossip_messages_received[msg.channel] += 1
         gossiper = self._channel(msg.channel)
         if msg.tag == Tag.GOSSIP:
             data = gossiper.on_gossip(msg.payload)
@@ -475,16 +600,16 @@ class Mesh:
         return encode_gossip(GossipMessage(tag, channel, self.name if src is None else src, payload))
 
     def _gossip_neighbours(self, channel: str, data: GossipData, exclude: int | None = None) -> None:
-        hops = self.routes.random_neighbours(exclude, self.rng)
-        for payload in data.encode():
-            body = self._gossip_body(channel, payload)
-            for hop in hops:
-                self._send_to(hop, Tag.GOSSIP, body)
+        now = trio.current_time()
+        for hop in self.routes.random_neighbours(exclude, self.rng):
+            conn = self.connections.get(hop)
+            if conn is not None:
+                conn.gossip(channel, data, now)
 
     def _relay_broadcast(self, channel: str, origin: int, payload: bytes) -> None:
         body = self._gossip_body(channel, payload, Tag.GOSSIP_BROADCAST, origin)
         for hop in self.routes.broadcast_all(origin):
-            self._send_to(hop, Tag.GOSSIP_BROADCAST, body)
+            self._send_to(hop, Tag.GOSSIP_BROADCAST, body, channel)
 
     def _relay_unicast(self, channel: str, src: int, dst: int, payload: bytes) -> None:
         hop = self.routes.next_hop_all(dst)
@@ -492,12 +617,12 @@ class Mesh:
             log.debug("dropping %s unicast for unreachable %s", channel, format_peer_name(dst))
             return
         body = encode_gossip(GossipMessage(Tag.GOSSIP_UNICAST, channel, src, payload, dst))
-        self._send_to(hop, Tag.GOSSIP_UNICAST, body)
+        self._send_to(hop, Tag.GOSSIP_UNICAST, body, channel)
 
-    def _send_to(self, name: int, tag: Tag, body: bytes) -> None:
+    def _send_to(self, name: int, tag: Tag, body: bytes, channel: str) -> None:
         conn = self.connections.get(name)
         if conn is not None:
-            conn.send(tag, body)
+            conn.send(tag, body, channel)
 
     def _perform(self, channel: str, actions: list[Action]) -> None:
         for action in actions:
@@ -511,12 +636,12 @@ class Mesh:
         self._perform(channel, actions)
 
     def _send_full_state(self, conn: Connection) -> None:
-        conn.send(Tag.GOSSIP, self._gossip_body(TOPOLOGY_CHANNEL, self.peers.encode_full()))
+        conn.send(Tag.GOSSIP, self._gossip_body(TOPOLOGY_CHANNEL, self.peers.encode_full()), TOPOLOGY_CHANNEL)
         for channel, gossiper in self.channels.items():
             data = gossiper.gossip()
             if data is not None:
                 for payload in data.encode():
-                    conn.send(Tag.GOSSIP, self._gossip_body(channel, payload))
+                    conn.send(Tag.GOSSIP, self._gossip_body(channel, payload), channel)
 
     async def _periodic_gossip(self) -> None:
         while True:
@@ -536,6 +661,8 @@ class Mesh:
         self._maker_event.set()
 
     async def _topology_flusher(self) -> None:
+        # Changes made before this task runs go out together; the connections' senders
+        # then merge them with whatever else is pending for each peer (GOSSIP_COALESCE).
         while True:
             await self._topology_event.wait()
             await trio.sleep(TOPOLOGY_FLUSH_DELAY)
@@ -557,9 +684,8 @@ class Mesh:
         fresh = result.new | result.restarted
         if fresh:
             now = trio.current_time()
-            addresses = {a for a, n in self._discovered().items() if n in fresh}
-            self.maker.set_discovered(set(self._discovered()), now)
-            self.maker.retry_now(addresses, now)
+            found = self._update_discovered(now)
+            self.maker.retry_now({a for a, n in found.items() if n in fresh}, now)
         if result.local_modified:
             self._topology_changed({self.name})
         return changed or None

@@ -5,6 +5,13 @@ plus those learned from topology gossip ("discovered"). A failed attempt is retr
 jittered exponential backoff (about 2 s, x1.5 each time, capped at 6 minutes), as Weave
 does; unlike Weave, a target whose peer gossip reports as new or restarted is retried at
 once, so a mesh whose members start together converges in seconds rather than minutes.
+
+Two peers that learn of each other at the same moment would both dial, and one of the
+two connections is then dropped as a duplicate (a wasted handshake and two extra
+topology versions at each end). So a discovered target may be deferred: the mesh asks
+for that when the peer there has the lower name, which dials at once; we dial only if
+its connection has not arrived within DISCOVERY_DEFER seconds. Peers named on the
+command line or by `weave connect` are never deferred.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ BACKOFF_FACTOR = 1.5
 MAX_INTERVAL = 360.0
 # A connection that lived this long before failing is retried at once.
 LONG_LIVED = 60.0
+# How long a deferred discovered target waits for the peer to dial us instead.
+DISCOVERY_DEFER = 1.0
 DEFAULT_PORT = 6783
 
 
@@ -89,8 +98,11 @@ class ConnectionMaker:
 
     # -- what gossip tells us
 
-    def set_discovered(self, addresses: set[str], now: float) -> None:
-        """The addresses topology gossip suggests; stale undialled ones are dropped."""
+    def set_discovered(self, addresses: Set[str], now: float, defer: Set[str] = frozenset()) -> None:
+        """The addresses topology gossip suggests; stale undialled ones are dropped.
+
+        New targets among `defer` are first due DISCOVERY_DEFER s from now (the peer
+        there is expected to dial us)."""
         if not self.discovery:
             addresses = set()
         for addr, target in list(self._targets.items()):
@@ -98,7 +110,8 @@ class ConnectionMaker:
                 del self._targets[addr]
         for addr in addresses:
             if addr not in self._targets:
-                self._targets[addr] = Target(addr, direct=False, try_after=now)
+                delay = DISCOVERY_DEFER if addr in defer else 0.0
+                self._targets[addr] = Target(addr, direct=False, try_after=now + delay)
 
     def retry_now(self, addresses: set[str], now: float) -> None:
         """Gossip says the peer at these addresses is new or restarted: try it straight away."""
