@@ -1,0 +1,308 @@
+"""Mesh convergence: N routers started at once, each told only about host 1.
+
+For each size N, builds an N-host test bed (network namespaces, router.testbed), runs
+`weave launch --nickname hostK <host1>` in every host at the same moment (host 1 with no
+peer) and polls every router's /report until every router's report shows every peer
+with an established connection to every other. Then, with the mesh idle, it measures
+gossip traffic (the routers' pyweave_gossip_bytes_sent_total counters on /metrics) and
+each router's resident memory (VmRSS of the weaver process).
+
+Measured per size:
+  launch_s     until every `weave launch` returned (all routers answer their API)
+  links_s      until every router has N-1 established connections of its own
+  converged_s  until every router's report shows the full mesh (topology propagated)
+  gossip_kib_converge  gossip sent per router from start to convergence (mean, max)
+  idle_gossip_bytes_per_min  gossip sent per router per minute once idle (mean)
+  rss_mib      VmRSS per idle router (mean, max); cpu_s CPU time per router until idle
+
+    python bench/bench_convergence.py [--sizes 3,10,25] [--json out.json] [--idle-seconds 60]
+
+Needs root (namespaces). All traffic stays inside the test bed's namespaces.
+Reference (Weave Net 2.8 measured the same way on the development machine):
+3.9 s at N=10, 64-122 s at N=25. Target for pyweave: at most 10 s at N=25.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from router.testbed import CommandError, Host, Testbed  # noqa: E402
+
+log = logging.getLogger("bench_convergence")
+
+CLONE_NEWNET = 0x40000000
+API = "http://127.0.0.1:6784"
+POLL = 0.1  # default seconds between polls (--poll)
+WEAVE_REFERENCE = {10: "3.9 s", 25: "64-122 s"}
+_METRIC = re.compile(r'^pyweave_gossip_(bytes|messages)_sent_total\{channel="([^"]*)"\} ([0-9.e+]+)$', re.M)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _enter_netns(path: str) -> None:
+    """Move the calling thread (network namespaces are per thread) into `path`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class HostClient:
+    """HTTP to one host's router API from a thread living in that host's namespace."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self._pool = ThreadPoolExecutor(1, initializer=_enter_netns, initargs=(str(host.netns_path),))
+
+    def get(self, path: str, timeout: float = 10) -> str:
+        def fetch() -> str:
+            with urllib.request.urlopen(API + path, timeout=timeout) as resp:
+                return resp.read().decode()
+
+        return self._pool.submit(fetch).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+def _established(rep: dict[str, Any], name: str) -> set[str]:
+    for p in rep["Peers"]:
+        if p["Name"] == name:
+            return {c["Name"] for c in p["Connections"] if c["Established"]}
+    return set()
+
+
+def mesh_state(reports: list[dict[str, Any]], n: int) -> tuple[bool, bool, int]:
+    """(every router has n-1 links, every report shows the full mesh, links seen up)."""
+    names = {r["Name"] for r in reports}
+    links_up = 0
+    all_links = True
+    full = len(names) == n
+    for rep in reports:
+        own = _established(rep, rep["Name"])
+        links_up += len(own)
+        all_links &= len(own) == n - 1
+        if full and {p["Name"] for p in rep["Peers"]} != names:
+            full = False
+        if full:
+            full = all(_established(rep, name) >= names - {name} for name in names)
+    return all_links, full and all_links, links_up
+
+
+def gossip_sent(client: HostClient) -> tuple[int, int]:
+    """(bytes, messages) of gossip the router has sent, all channels."""
+    totals = {"bytes": 0.0, "messages": 0.0}
+    for kind, _, value in _METRIC.findall(client.get("/metrics")):
+        totals[kind] += float(value)
+    return int(totals["bytes"]), int(totals["messages"])
+
+
+def proc_stats(host: Host) -> tuple[float, float]:
+    """(VmRSS in MiB, CPU seconds) of the host's weaver."""
+    pid = int((host.state_dir / "weaver.pid").read_text().strip())
+    rss = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return rss, cpu
+
+
+def _save_logs(hosts: list[Host], directory: Path | None, n: int) -> None:
+    if directory is None:
+        return
+    target = directory / f"n{n}"
+    target.mkdir(parents=True, exist_ok=True)
+    for h in hosts:
+        src = h.state_dir / "weaver.log"
+        if src.exists():
+            (target / f"{h.name}.log").write_text(src.read_text(errors="replace"))
+
+
+def run_size(
+    n: int, timeout: float, idle_seconds: float, logs: Path | None = None, poll: float = POLL
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"n": n}
+    with Testbed(n) as tb:
+        try:
+            return _run(tb, n, timeout, idle_seconds, result, poll)
+        finally:
+            _save_logs(tb.hosts, logs, n)
+
+
+def _run(
+    tb: Testbed, n: int, timeout: float, idle_seconds: float, result: dict[str, Any], poll: float
+) -> dict[str, Any]:
+    if True:
+        hosts = tb.hosts
+        seed = hosts[0].address
+        clients = [HostClient(h) for h in hosts]
+        errors: list[str] = []
+
+        def launch(host: Host) -> None:
+            argv = ["weave", "launch", "--nickname", host.name] + ([seed] if host is not hosts[0] else [])
+            try:
+                host.run(argv, env=host.env, timeout=120)
+            except CommandError as exc:
+                errors.append(f"{host.name}: {exc}")
+
+        start = time.monotonic()
+        result["start_unix"] = round(time.time(), 3)
+        threads = [threading.Thread(target=launch, args=(h,)) for h in hosts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        result["launch_s"] = round(time.monotonic() - start, 2)
+        if errors:
+            result["error"] = "; ".join(errors)
+            return result
+
+        links_at = None
+        converged_at = None
+        links_up = 0
+        with ThreadPoolExecutor(n) as pool:
+            while time.monotonic() - start < timeout:
+                try:
+                    reports = [json.loads(r)["Router"] for r in pool.map(lambda c: c.get("/report"), clients)]
+                except OSError as exc:
+                    log.warning("polling: %s", exc)
+                    time.sleep(poll)
+                    continue
+                all_links, full, links_up = mesh_state(reports, n)
+                now = time.monotonic() - start
+                if all_links and links_at is None:
+                    links_at = now
+                if full:
+                    converged_at = now
+                    break
+                time.sleep(poll)
+            converge_sent = list(pool.map(gossip_sent, clients))
+        converge_bytes = [b for b, _ in converge_sent]
+        result["links_s"] = round(links_at, 2) if links_at is not None else None
+        result["converged_s"] = round(converged_at, 2) if converged_at is not None else None
+        result["gossip_kib_converge_mean"] = round(statistics.mean(converge_bytes) / 1024, 1)
+        result["gossip_kib_converge_max"] = round(max(converge_bytes) / 1024, 1)
+        result["gossip_msgs_converge_mean"] = round(statistics.mean(m for _, m in converge_sent))
+        if converged_at is None:
+            result["error"] = f"no full mesh after {timeout} s ({links_up} of {n * (n - 1)} links up)"
+            result["log_tail"] = {
+                h.name: (h.state_dir / "weaver.log").read_text(errors="replace").splitlines()[-5:]
+                for h in hosts[:3]
+            }
+            return result
+
+        time.sleep(2)  # let the last topology updates settle
+        before = [gossip_sent(c)[0] for c in clients]
+        t_idle = time.monotonic()
+        time.sleep(idle_seconds)
+        after = [gossip_sent(c)[0] for c in clients]
+        per_min = [(a - b) * 60 / (time.monotonic() - t_idle) for a, b in zip(after, before, strict=True)]
+        result["idle_seconds"] = idle_seconds
+        result["idle_gossip_bytes_per_min_mean"] = round(statistics.mean(per_min))
+        result["idle_gossip_bytes_per_min_max"] = round(max(per_min))
+        stats = [proc_stats(h) for h in hosts]
+        rss = [s[0] for s in stats]
+        result["rss_mib_mean"] = round(statistics.mean(rss), 1)
+        result["rss_mib_max"] = round(max(rss), 1)
+        result["cpu_s_mean"] = round(statistics.mean(s[1] for s in stats), 2)
+        # Still a full mesh at the end?
+        reports = [json.loads(c.get("/report"))["Router"] for c in clients]
+        result["still_full_mesh"] = mesh_state(reports, n)[1]
+        for c in clients:
+            c.close()
+    return result
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    cols = [
+        ("N", "n"),
+        ("launch s", "launch_s"),
+        ("links s", "links_s"),
+        ("converged s", "converged_s"),
+        ("gossip KiB/peer conv (mean/max)", None),
+        ("idle gossip B/min/peer", "idle_gossip_bytes_per_min_mean"),
+        ("RSS MiB (mean/max)", None),
+        ("CPU s/peer", "cpu_s_mean"),
+        ("Weave 2.8", None),
+    ]
+    rows = []
+    for r in results:
+        row = []
+        for title, key in cols:
+            if title.startswith("gossip KiB"):
+                mean, most = r.get("gossip_kib_converge_mean", "-"), r.get("gossip_kib_converge_max", "-")
+                row.append(f"{mean}/{most}")
+            elif title.startswith("RSS"):
+                row.append(f"{r.get('rss_mib_mean', '-')}/{r.get('rss_mib_max', '-')}")
+            elif title == "Weave 2.8":
+                row.append(WEAVE_REFERENCE.get(r["n"], "-"))
+            else:
+                value = r.get(key) if key else None
+                row.append("-" if value is None else str(value))
+        rows.append(row)
+    widths = [max(len(t), *(len(row[i]) for row in rows)) for i, (t, _) in enumerate(cols)]
+    print("  ".join(t.rjust(w) for (t, _), w in zip(cols, widths, strict=True)))
+    for row in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)))
+    for r in results:
+        if "error" in r:
+            print(f"N={r['n']}: {r['error']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="3,10,25", help="comma-separated mesh sizes")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for a full mesh")
+    p.add_argument("--idle-seconds", type=float, default=60.0, help="idle period for the gossip rate")
+    p.add_argument("--logs", type=Path, help="copy every router's weaver.log into this directory")
+    p.add_argument("--poll", type=float, default=POLL, help="seconds between rounds of /report polls")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if os.geteuid() != 0:
+        print("bench_convergence: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    results = []
+    for n in sizes:
+        print(f"N={n} ...", file=sys.stderr, flush=True)
+        results.append(run_size(n, args.timeout, args.idle_seconds, args.logs, args.poll))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    print_table(results)
+    if args.json:
+        doc = {
+            "benchmark": "convergence",
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "kernel": platform.release(),
+            },
+            "weave_2_8_reference_s": WEAVE_REFERENCE,
+            "results": results,
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
