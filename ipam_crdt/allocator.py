@@ -4,6 +4,8 @@ Inputs are method calls with the current time; outputs are return values, messag
 send (`router.gossip_api` actions) and events for requests that completed later.
 
 Driving it:
+- `now` is Unix time in seconds (it goes on the wire as gossipState.Now).
+- After constructing it, send `drain_actions()`: a ring made from a seed is broadcast.
 - Call `tick(now)` every `TICK_INTERVAL` seconds; it retries what is pending.
 - `allocate`/`claim`/`prime` answer at once when they can. Otherwise they return a
   pending result, and the outcome comes later as an event from `drain_events()`.
@@ -17,184 +19,54 @@ Driving it:
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from ipam_crdt import wire
+from ipam_crdt import status, wire
 from ipam_crdt.address import CIDR, Range, ip_str
-from ipam_crdt.errors import (
-    DifferentRange,
-    DifferentSeeds,
-    InvalidRequest,
-    IPAMError,
-    NotFound,
+from ipam_crdt.config import (
+    CONTAINER_DIED_TIMEOUT,
+    TICK_INTERVAL,
+    AllocatorConfig,
+    Bootstrap,
+    ConsensusMode,
+    ObserverMode,
+    PreClaim,
+    SeedMode,
+    parse_ipalloc_init,
+)
+from ipam_crdt.conflicts import SeedConflict, preferred, ring_used
+from ipam_crdt.errors import DifferentRange, DifferentSeeds, InvalidRequest, IPAMError, NotFound
+from ipam_crdt.events import (
+    Allocated,
+    AllocateFailed,
+    AllocateResult,
+    Claimed,
+    ClaimFailed,
+    ClaimResult,
+    Event,
+    Primed,
 )
 from ipam_crdt.naming import annotated, peer_str
-from ipam_crdt.paxos import Node, NodeID, Observer, Participant, quorum_for
+from ipam_crdt.paxos import Node, NodeID, Observer, Participant
 from ipam_crdt.ring import UNKNOWN_PEER, Ring
 from ipam_crdt.space import Space
 from ipam_crdt.store import IPAMStore, MemoryStore, OwnedData
 from router.gossip_api import Action, SendBroadcast, SendUnicast
 from router.peername import parse_peer_name
 
+__all__ = [
+    "Allocator", "AllocatorConfig", "Bootstrap", "ConsensusMode", "SeedMode", "ObserverMode",
+    "PreClaim", "parse_ipalloc_init", "Allocated", "AllocateFailed", "Claimed", "ClaimFailed",
+    "Primed", "Event", "AllocateResult", "ClaimResult", "SeedConflict", "TICK_INTERVAL",
+    "NO_CONTAINER_ID",
+]
+
 log = logging.getLogger(__name__)
 
-TICK_INTERVAL = 5.0
-CONTAINER_DIED_TIMEOUT = 30.0
-DEFAULT_ALLOCATE_TIMEOUT = 120.0
-DEFAULT_CLAIM_ATTEMPTS = 5
-# A seed conflict not seen again for this long no longer shows in the status.
-CONFLICT_STALE_AFTER = 120.0
 # Weave's api.NoContainerID: the allocation is filed under the address itself.
 NO_CONTAINER_ID = "_"
-
-
-# ------------------------------------------------------------------ configuration
-
-
-@dataclass(frozen=True)
-class ConsensusMode:
-    """`--ipalloc-init consensus[=N]`: agree on the initial peers by Paxos."""
-
-    peer_count: int | None = None
-    target_count: int = 0
-
-    @property
-    def quorum(self) -> int:
-        return quorum_for(self.peer_count, self.target_count)
-
-
-@dataclass(frozen=True)
-class SeedMode:
-    """`--ipalloc-init seed=A,B,...`: every seed peer builds the same ring locally."""
-
-    peers: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ObserverMode:
-    """`--ipalloc-init observer`: never vote; get the ring from the others."""
-
-
-Bootstrap = ConsensusMode | SeedMode | ObserverMode
-
-
-def parse_ipalloc_init(text: str, target_count: int = 0) -> Bootstrap:
-    """Parse the `--ipalloc-init` value: `consensus`, `consensus=N`, `seed=a,b`, `observer`."""
-    kind, sep, arg = text.strip().partition("=")
-    if kind == "consensus":
-        if not sep:
-            return ConsensusMode(None, target_count)
-        if not arg.isdigit() or int(arg) < 1:
-            raise InvalidRequest(f"invalid --ipalloc-init {text!r}: consensus=N needs a positive count")
-        return ConsensusMode(int(arg), target_count)
-    if kind == "seed" and sep and arg:
-        try:
-            return SeedMode(tuple(parse_peer_name(p) for p in arg.split(",")))
-        except ValueError as exc:
-            raise InvalidRequest(f"invalid --ipalloc-init {text!r}: {exc}") from None
-    if kind == "observer" and not sep:
-        return ObserverMode()
-    raise InvalidRequest(f"invalid --ipalloc-init {text!r}: expected consensus[=N], seed=NAMES or observer")
-
-
-@dataclass
-class PreClaim:
-    ident: str
-    cidr: CIDR
-    is_container: bool = True
-
-
-@dataclass
-class AllocatorConfig:
-    our_name: int
-    our_uid: int
-    universe: CIDR
-    bootstrap: Bootstrap = field(default_factory=ConsensusMode)
-    our_nickname: str = ""
-    store: IPAMStore | None = None
-    # Whether a peer is currently reachable through the mesh (topology), as Weave's
-    # isKnownPeer: used to pick donors, heirs, and for the status.
-    is_known_peer: Callable[[int], bool] = lambda _name: True
-    rng: random.Random = field(default_factory=random.Random)
-    now: float = 0.0
-    allocate_timeout: float = DEFAULT_ALLOCATE_TIMEOUT
-    claim_attempts: int = DEFAULT_CLAIM_ATTEMPTS
-    pre_claims: list[PreClaim] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------ results and events
-
-
-@dataclass(frozen=True)
-class Allocated:
-    ident: str
-    subnet: CIDR
-    cidr: CIDR
-
-
-@dataclass(frozen=True)
-class AllocateFailed:
-    ident: str
-    subnet: CIDR
-    reason: str
-
-
-@dataclass(frozen=True)
-class Claimed:
-    ident: str
-    cidr: CIDR
-
-
-@dataclass(frozen=True)
-class ClaimFailed:
-    ident: str
-    cidr: CIDR
-    reason: str
-
-
-@dataclass(frozen=True)
-class Primed:
-    pass
-
-
-Event = Allocated | AllocateFailed | Claimed | ClaimFailed | Primed
-
-
-@dataclass(frozen=True)
-class AllocateResult:
-    """`cidr` is the address (with the subnet's prefix) or None while pending.
-
-    A pending request ends later with an `Allocated` or `AllocateFailed` event.
-    """
-
-    cidr: CIDR | None
-    actions: list[Action]
-    error: str | None = None
-
-    @property
-    def pending(self) -> bool:
-        return self.cidr is None and self.error is None
-
-
-@dataclass(frozen=True)
-class ClaimResult:
-    done: bool
-    actions: list[Action]
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class SeedConflict:
-    """Our ring and a peer's ring were seeded differently (weave#3908)."""
-
-    peer: int
-    message: str
-    first_seen: float
-    last_seen: float
-    count: int = 1
 
 
 # ------------------------------------------------------------------ pending operations
@@ -286,7 +158,11 @@ class Allocator:
             self.pending_claims.append(op)
         loaded = self._load_persisted()
         seed = self.config.bootstrap.peers if isinstance(self.config.bootstrap, SeedMode) else ()
-        if loaded and seed:
+        if loaded and seed and self.ring.is_empty():
+            # Persisted before any ring existed: the seed still decides the ring.
+            log.info("Initialising with persisted data and supplied IPAM seed")
+            self._create_ring(seed)
+        elif loaded and seed:
             log.info("Found persisted IPAM data, ignoring supplied IPAM seed")
         elif loaded:
             log.info("Initialising with persisted data")
@@ -489,7 +365,7 @@ class Allocator:
             self.ring.contains(c.addr) for d in self.owned.values() for c in d.cidrs
         ):
             return False
-        if not _preferred(theirs, self.ring):
+        if not preferred(theirs, self.ring):
             return False
         log.warning(
             "IP allocation was seeded by different peers (received: %s, ours: %s); our ring holds no "
@@ -508,7 +384,7 @@ class Allocator:
 
     def _they_will_adopt(self, theirs: Ring) -> bool:
         """Whether the sender of `theirs` will give it up for ours (see _adopt_if_unused)."""
-        return not _ring_used(theirs) and _preferred(self.ring, theirs)
+        return not ring_used(theirs) and preferred(self.ring, theirs)
 
     def _prune_nicknames(self) -> None:
         in_ring = self.ring.peer_names()
@@ -653,7 +529,11 @@ class Allocator:
             self._add_owned(ident, cidr, op.is_container)
             op.result = Allocated(op.ident, op.subnet, cidr)
             return True
-        self._ask_for_space(op.subnet.range())
+        # Weave asks for the whole subnet, network and broadcast address included; those
+        # two can never be allocated, and once they are all that is left, peers pass them
+        # back and forth for ever. We ask only for addresses we could use. (As a donor we
+        # answer whatever range we are asked for, exactly as Weave does.)
+        self._ask_for_space(op.subnet.host_range())
         return False
 
     def _ask_for_space(self, r: Range) -> None:
@@ -828,16 +708,15 @@ class Allocator:
 
     def cancel(self, ident: str) -> None:
         """Cancel pending requests for `ident` (its caller gave up or it died)."""
-        for ops, kind in ((self.pending_allocates, "Allocate"), (self.pending_claims, "Claim")):
-            for op in [o for o in ops if o.ident == ident]:
-                ops.remove(op)
-                self._events.append(self._cancelled(op, kind))
-
-    def _cancelled(self, op: _Allocate | _Claim, kind: str) -> Event:
-        reason = f"{kind} request for {op.ident} cancelled"
-        if isinstance(op, _Allocate):
-            return AllocateFailed(op.ident, op.subnet, reason)
-        return ClaimFailed(op.ident, op.cidr, reason)
+        for alloc_op in [o for o in self.pending_allocates if o.ident == ident]:
+            self.pending_allocates.remove(alloc_op)
+            reason = f"Allocate request for {ident} cancelled"
+            self._events.append(AllocateFailed(ident, alloc_op.subnet, reason))
+        for claim_op in [o for o in self.pending_claims if o.ident == ident]:
+            self.pending_claims.remove(claim_op)
+            self._finish_claim(claim_op, f"Claim request for {ident} cancelled")
+            if claim_op.result is not None:
+                self._events.append(claim_op.result)
 
     def container_died(self, ident: str, now: float | None = None) -> None:
         """Free its addresses after CONTAINER_DIED_TIMEOUT unless it starts again."""
@@ -899,12 +778,11 @@ class Allocator:
             )
             log.warning("Allocate for %s failed: %s", op.ident, reason)
             self._events.append(AllocateFailed(op.ident, op.subnet, reason))
-        for op in [o for o in self.pending_claims if o.deadline <= self.now]:
-            self.pending_claims.remove(op)
-            reason = f"could not claim {op.cidr} after {self.config.allocate_timeout:g}s"
-            self._finish_claim(op, reason)
-            if op.result is not None:
-                self._events.append(op.result)
+        for claim in [o for o in self.pending_claims if o.deadline <= self.now]:
+            self.pending_claims.remove(claim)
+            self._finish_claim(claim, f"could not claim {claim.cidr} after {self.config.allocate_timeout:g}s")
+            if claim.result is not None:
+                self._events.append(claim.result)
 
     # -------------------------------------------------------------- peers
 
@@ -973,86 +851,15 @@ class Allocator:
 
     def status_line(self) -> str:
         """The `Status:` of `weave status` for IPAM."""
-        if not self.ring.is_empty():
-            if not any(i.range.size > 0 and self._is_known(i.peer) for i in self.ring.all_range_info()):
-                return "all IP ranges owned by unreachable peers - use 'rmpeer'"
-            if self.pending_allocates:
-                return "waiting for IP(s) to become available"
-            return "ready"
-        if self.awaiting_consensus and self.paxos is not None:
-            status = self.paxos.status()
-            if status.elector:
-                return f"awaiting consensus (quorum: {status.quorum}, known: {status.known_nodes})"
-            return "priming"
-        return "idle"
+        return status.status_line(self)
 
     def status_lines(self) -> list[str]:
         """The status, plus a problem that needs an operator, with what to do about it."""
-        lines = [self.status_line()]
-        c = self.conflict
-        if c is not None and self.now - c.last_seen < CONFLICT_STALE_AFTER:
-            if c.message.startswith("IP allocation was seeded"):
-                remedy = (
-                    "this peer and others formed separate IP allocation rings; to recover, on the peers "
-                    "of one side run 'weave reset' (or delete the IPAM database in the state directory) "
-                    "and start them again"
-                )
-            else:
-                remedy = "every peer must be started with the same --ipalloc-range"
-            lines.append(f"{c.message} - {remedy} (seen {c.count} times)")
-        return lines
+        return status.status_lines(self)
 
-    def _is_known(self, name: int) -> bool:
+    def is_known(self, name: int) -> bool:
         return name == self.our_name or self.config.is_known_peer(name)
 
     def report(self, default_subnet: CIDR | None = None) -> dict[str, object]:
         """The `IPAM` section of Weave's /report JSON."""
-        paxos = None
-        if self.awaiting_consensus and self.paxos is not None:
-            st = self.paxos.status()
-            paxos = {"Elector": st.elector, "KnownNodes": st.known_nodes, "Quorum": st.quorum}
-        entries = [
-            {
-                "Token": ip_str(i.range.start),
-                "Size": i.range.size,
-                "Peer": peer_str(i.peer),
-                "Nickname": self.nicknames.get(i.peer, ""),
-                "IsKnownPeer": self._is_known(i.peer),
-                "Version": i.version,
-            }
-            for i in self.ring.all_range_info()
-        ]
-        claims = [
-            {"Ident": o.ident, "CIDR": {"Addr": ip_str(o.cidr.addr), "PrefixLen": o.cidr.prefix_len}}
-            for o in self.pending_claims
-        ]
-        allocs = [f"{o.ident} {o.subnet}" for o in self.pending_allocates]
-        return {
-            "Paxos": paxos,
-            "Range": str(self.universe),
-            "RangeNumIPs": self.universe.size,
-            "ActiveIPs": self.space.num_used(),
-            "DefaultSubnet": str(default_subnet or self.universe),
-            "Entries": entries or None,
-            "PendingClaims": claims or None,
-            "PendingAllocates": allocs or None,
-        }
-
-
-def _preferred(a: Ring, b: Ring) -> bool:
-    """Whether to keep ring a over a differently seeded ring b: a ring in use beats an
-    unused one, else the smaller seed list wins. Both sides decide alike."""
-    used_a, used_b = _ring_used(a), _ring_used(b)
-    if used_a != used_b:
-        return used_a
-    return sorted(a.seeds) < sorted(b.seeds)
-
-
-def _ring_used(ring: Ring) -> bool:
-    """Whether a ring's free counts show any address in use (as its owners last said)."""
-    for i, e in enumerate(ring.entries):
-        nxt = ring.entries[i + 1].token if i + 1 < len(ring.entries) else ring.entries[0].token
-        size = nxt - e.token if nxt > e.token else (ring.end - e.token) + (nxt - ring.start)
-        if e.free < size:
-            return True
-    return False
+        return status.report(self, default_subnet)

@@ -72,6 +72,10 @@ class SimNetwork:
 
     def _boot(self, peer: SimPeer) -> None:
         peer.uid = self.rng.getrandbits(64)
+
+        def is_known(other: int, me: int = peer.name) -> bool:
+            return self.reachable(me, other)
+
         config = AllocatorConfig(
             our_name=peer.name,
             our_uid=peer.uid,
@@ -79,7 +83,7 @@ class SimNetwork:
             bootstrap=peer.bootstrap,
             our_nickname=peer.nickname,
             store=peer.store,
-            is_known_peer=lambda other, me=peer.name: self.reachable(me, other),
+            is_known_peer=is_known,
             rng=random.Random(self.rng.getrandbits(32)),
             now=self.now,
         )
@@ -232,11 +236,19 @@ class SimNetwork:
             self.enqueue(peer.name, peer.alloc.tick(self.now))
             peer.events.extend(peer.alloc.drain_events())
 
-    def settle(self, rounds: int = 10, drop_rate: float = 0.0) -> None:
-        """Ticks, gossip and delivery until quiet (or `rounds` rounds)."""
+    def settle(self, rounds: int = 10, drop_rate: float = 0.0, max_messages: int = 200_000) -> None:
+        """`rounds` times: a tick, a gossip round, and delivery until nothing more gets through.
+
+        Raises AssertionError if messages keep flowing without end (a livelock).
+        """
         for _ in range(rounds):
             self.tick()
             self.gossip_round()
-            self.deliver(drop_rate=drop_rate)
-            while self.queue and self.deliver(drop_rate=drop_rate):
-                pass
+            budget = max_messages
+            while self.queue:
+                n = self.deliver(max_messages=budget, drop_rate=drop_rate)
+                if n == 0:
+                    break
+                budget -= n
+                if budget <= 0:
+                    raise AssertionError(f"messages never settle: {len(self.queue)} still queued")

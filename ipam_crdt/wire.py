@@ -260,6 +260,10 @@ def decode_gossip_state(payload: bytes) -> GossipState:
     paxos = None
     if v["Paxos"] is not None:
         paxos = {_to_node(k): _to_claims(c) for k, c in v["Paxos"].items()}
+        for claims in paxos.values():
+            # A real proposer always includes itself; an empty value cannot seed a ring.
+            if claims.accepted.valid and not claims.accepted_val.value:
+                raise IPAMWireError("IPAM Paxos claim accepted an empty set of peers")
     return GossipState(
         now=v["Now"],
         nicknames=v["Nicknames"],

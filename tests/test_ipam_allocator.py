@@ -166,6 +166,24 @@ def test_donor_with_nothing_left_denies_and_sends_its_ring() -> None:
     assert kinds == ["SpaceRequestDenied", "RingUpdate"]
 
 
+def test_requests_ask_only_for_usable_addresses_so_exhaustion_is_quiet() -> None:
+    tiny = CIDR.parse("10.9.0.0/29")  # 8 addresses, 6 usable
+    net = SimNetwork(tiny, random.Random(2))
+    for p in (P1, P2):
+        net.add_peer(p, SeedMode((P1, P2)))
+    got = [net.allocate(p, f"c{p}{i}") for p in (P1, P2) for i in range(3)]
+    net.settle(2)
+    assert all(r.cidr is not None for r in got)
+    r = net.allocate(P1, "one-too-many")
+    requests = [wire.decode_unicast(a.payload) for a in r.actions if isinstance(a, SendUnicast)]
+    # We ask for the host addresses only (Weave would ask for the whole /29)...
+    assert requests == [wire.SpaceRequest(tiny.host_range())]
+    # ...so the donor, whose last free address is the broadcast one, says no, and the
+    # unusable addresses are not passed back and forth for ever.
+    net.settle(3, max_messages=200)
+    assert net.alloc(P1).pending_allocates
+
+
 def test_allocation_fails_after_a_bounded_time() -> None:
     net = net_of(P1, P2, P3)
     net.allocate(P1, "a")

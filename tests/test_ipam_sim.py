@@ -5,8 +5,8 @@ crashes and restarts from the store, and rmpeer of peers that are gone for good.
 Invariants: no address is ever owned by two idents anywhere; once messages flow all rings
 agree, tile the range exactly, and every peer's space matches its part of the ring.
 
-Runs a few seeds by default (well under a minute); PYWEAVE_LONG_SIM=1 runs many more,
-longer ones.
+By default 24 seeds x 1500 steps per bootstrap mode (about 20 s); PYWEAVE_LONG_SIM=1
+runs 100 seeds x 4000 steps (a few minutes).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from ipam_crdt.testing import SimNetwork
 from router.peername import format_peer_name
 
 LONG = os.environ.get("PYWEAVE_LONG_SIM") == "1"
-SEEDS = range(60) if LONG else range(10)
-STEPS = 3000 if LONG else 800
+SEEDS = range(100) if LONG else range(24)
+STEPS = 4000 if LONG else 1500
 
 
 @dataclass
@@ -145,6 +145,8 @@ def run(seed: int, steps: int, consensus: bool) -> Stats:
             for p in [p.name for p in net.peers.values() if p.alloc is None]:
                 net.restart(p)
             net.settle(3)
+            if any(p.alloc.ring.is_empty() for p in net.up()):  # type: ignore[union-attr]
+                continue  # no ring yet: removing electors could leave consensus out of reach
             gone = rng.choice([p.name for p in net.up()])
             net.remove(gone)
             heir = rng.choice([p.name for p in net.up()])
