@@ -3,7 +3,13 @@
 The protocol work is done by the sans-IO cores (handshake, session codec, topology,
 routes, targets); this module only moves bytes between them and trio sockets. Every
 connection runs in its own task; whatever goes wrong with one (a bad handshake, a wrong
-password, garbage, a stall) ends that connection alone, with the reason logged.
+password, garbage, a stall, a peer resetting mid-send, even a bug in a handler) ends that
+connection alone, with the reason logged.
+
+Gossip sent per channel is counted (gossip_bytes_sent etc., on /metrics as
+pyweave_gossip_bytes_sent_total{channel}). Test-only knob: the environment variable
+PYWEAVE_HEARTBEAT_INTERVAL (seconds) replaces the 30 s TCP heartbeat interval; the read
+timeout is always twice it (see HEARTBEAT_ENV).
 """
 
 from __future__ import annotations
@@ -43,11 +49,18 @@ HEARTBEAT_ENV = "PYWEAVE_HEARTBEAT_INTERVAL"
 READ_TIMEOUT = 2 * HEARTBEAT_INTERVAL
 HANDSHAKE_TIMEOUT = 10.0
 DIAL_TIMEOUT = 10.0
-# Neighbour gossip for one peer is held this long and merged before it is sent (Weave
-# coalesces topology updates for 1 s; a shorter pause converges faster). Messages that
-# are not merged (broadcasts, unicasts, full state, heartbeats) are never held.
-GOSSIP_COALESCE = float(os.environ.get("PYWEAVE_EXP_RELAY", "0.05"))
-TOPOLOGY_FLUSH_DELAY = float(os.environ.get("PYWEAVE_EXP_LOCAL", "0"))
+# Neighbour gossip (tag 4) for one peer is merged until it is sent, as mesh's
+# GossipSender does: it goes GOSSIP_COALESCE s after it was first queued, but no sooner
+# than the gossip spacing after the previous neighbour gossip to that peer. The spacing
+# is GOSSIP_SPACING_PER_PEER s per known peer (a topology message grows with the mesh),
+# at most GOSSIP_MAX_SPACING. So a lone change travels at once, while a burst (a mesh
+# forming) costs each connection one message per spacing, holding the latest state of
+# every peer that changed; relaying every change as it came made 25 routers starting
+# together spend most of their CPU decoding topology. (Weave coalesces its own topology
+# updates for 1 s.) Broadcasts, unicasts, full state and heartbeats are never held.
+GOSSIP_COALESCE = 0.02
+GOSSIP_SPACING_PER_PEER = 0.04
+GOSSIP_MAX_SPACING = 1.0
 SEND_QUEUE_LENGTH = 1024
 ACCEPT_BURST = 20
 ACCEPT_REFILL = 0.05
@@ -137,6 +150,7 @@ class Connection:
         self._queue: deque[tuple[bytes, str | None]] = deque()
         self._pending: dict[str, GossipData] = {}
         self._pending_since = 0.0
+        self._last_gossip = -math.inf
         self._wake = trio.Event()
         self._closing = trio.Event()
         self.close_reason = ""
@@ -506,13 +520,16 @@ class Mesh:
                     await write(*conn._queue.popleft())
                     continue
                 if conn._pending:
-                    wait = conn._pending_since + GOSSIP_COALESCE - trio.current_time()
+                    spacing = min(GOSSIP_MAX_SPACING, GOSSIP_SPACING_PER_PEER * len(self.peers))
+                    flush_at = max(conn._pending_since + GOSSIP_COALESCE, conn._last_gossip + spacing)
+                    wait = flush_at - trio.current_time()
                     if wait > 0:
                         with trio.move_on_after(wait):
                             await conn._wake.wait()  # queued messages don't wait
                         conn._wake = trio.Event()
                         continue
                     # Encoded now, from the current state: the latest of every peer.
+                    conn._last_gossip = trio.current_time()
                     for channel, data in conn.take_pending().items():
                         for payload in data.encode():
                             body = self._gossip_body(channel, payload)
@@ -665,7 +682,6 @@ class Mesh:
         # then merge them with whatever else is pending for each peer (GOSSIP_COALESCE).
         while True:
             await self._topology_event.wait()
-            await trio.sleep(TOPOLOGY_FLUSH_DELAY)
             self._topology_event = trio.Event()
             names, self._topology_dirty = self._topology_dirty, set()
             if names:
@@ -709,7 +725,8 @@ class _TopologyData:
     def encode(self) -> list[bytes]:
         if self.names is None:
             return [self.mesh.peers.encode_full()]
-        return [self.mesh.peers.encode_peers(self.names)]
+        payload = self.mesh.peers.encode_peers(self.names)
+        return [payload] if payload else []  # all of them were garbage-collected meanwhile
 
     def merge(self, other: GossipData) -> GossipData:
         assert isinstance(other, _TopologyData)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from router.targets import (
     BACKOFF_FACTOR,
+    DISCOVERY_DEFER,
     INITIAL_INTERVAL,
     LONG_LIVED,
     MAX_INTERVAL,
@@ -327,3 +328,25 @@ def test_discovery_off_ignores_gossip() -> None:
     assert maker.due(0.0) == [A]
     maker.retry_now({B}, 0.0)
     assert _addresses(maker) == [A]
+
+
+def test_deferred_discovery_waits_for_the_other_side() -> None:
+    maker = ConnectionMaker(rng=random.Random(1))
+    maker.set_discovered({B, C}, 10.0, defer={C})
+    assert maker.due(10.0) == [B]
+    assert maker.next_wakeup() == 10.0 + DISCOVERY_DEFER
+    # The peer at C dialled us meanwhile: gossip no longer suggests C, so it is dropped.
+    maker.set_discovered({B}, 10.5, defer={C})
+    assert _addresses(maker) == [B]
+    # Had it not, we dial it ourselves once the deferral is over.
+    maker.set_discovered({B, C}, 11.0, defer={C})
+    assert maker.due(11.0 + DISCOVERY_DEFER - 0.01) == []
+    assert maker.due(11.0 + DISCOVERY_DEFER) == [C]
+
+
+def test_defer_applies_to_new_discovered_targets_only() -> None:
+    maker = ConnectionMaker(rng=random.Random(1))
+    maker.add_direct([A], now=0.0)
+    maker.set_discovered({A, B}, 0.0)
+    maker.set_discovered({A, B}, 0.0, defer={A, B})  # already known: unchanged
+    assert sorted(maker.due(0.0)) == [A, B]
