@@ -694,7 +694,9 @@ class Mesh:
             changed.add(self.name)
         if result.removed:
             self._peers_removed(list(result.removed))
-        if changed or result.removed:
+        if result.local_modified:
+            self._topology_changed({self.name})  # recomputes the routes too
+        elif changed or result.removed:
             self.routes = Routes.compute(self.peers)
             self._maker_event.set()
         fresh = result.new | result.restarted
@@ -702,8 +704,6 @@ class Mesh:
             now = trio.current_time()
             found = self._update_discovered(now)
             self.maker.retry_now({a for a, n in found.items() if n in fresh}, now)
-        if result.local_modified:
-            self._topology_changed({self.name})
         return changed or None
 
     def _peers_removed(self, removed: list) -> None:

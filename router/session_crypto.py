@@ -30,7 +30,7 @@ import nacl.exceptions
 import nacl.public
 
 from router.errors import GobError, ProtocolError
-from router.gob import BYTES, Decoder, decode_int, encode
+from router.gob import BYTES, Decoder, decode_int, decode_uint, encode
 from router.protocol import MAX_FRAME_SIZE, FrameReader, frame
 
 KEY_SIZE = 32
@@ -158,7 +158,24 @@ class Codec(Protocol):
     def feed(self, data: bytes) -> list[bytes]: ...
 
 
-class FrameCodec:
+class _SessionCodec:
+    """What both protocol versions share: optional sealing, and bytes held over from the handshake."""
+
+    def __init__(self, session_key: bytes | None, outbound: bool) -> None:
+        self._sealer = TcpSealer(session_key, outbound) if session_key is not None else None
+        self._opener = TcpOpener(session_key, outbound) if session_key is not None else None
+        self._pending = b""
+
+    @property
+    def encrypted(self) -> bool:
+        return self._sealer is not None
+
+    def queue(self, data: bytes) -> None:
+        """Hold stream bytes for the next ``feed`` (``feed(b"")`` will do) to decode."""
+        self._pending += data
+
+
+class FrameCodec(_SessionCodec):
     """Protocol v2: length-prefixed frames, sealed when there is a session key.
 
     ``outbound`` is True on the end that dialled. Stream data that arrived during the
@@ -176,20 +193,10 @@ class FrameCodec:
         *,
         max_frame_size: int = MAX_FRAME_SIZE,
     ) -> None:
-        self._sealer = TcpSealer(session_key, outbound) if session_key is not None else None
-        self._opener = TcpOpener(session_key, outbound) if session_key is not None else None
+        super().__init__(session_key, outbound)
         self._reader = FrameReader(max_frame_size)
         self._max = max_frame_size
-        self._pending = b""
         self._error: ProtocolError | None = None
-
-    @property
-    def encrypted(self) -> bool:
-        return self._sealer is not None
-
-    def queue(self, data: bytes) -> None:
-        """Hold stream bytes for the next ``feed`` (``feed(b"")`` will do) to decode."""
-        self._pending += data
 
     def encode_frame(self, payload: bytes) -> bytes:
         # Checked before sealing: a refused message must not use up a nonce.
@@ -218,15 +225,10 @@ def _peek_uint(buf: bytes | bytearray, pos: int) -> tuple[int, int] | None:
     """A gob uint at ``pos`` as (value, end), or None if it is not all there yet."""
     if pos >= len(buf):
         return None
-    first = buf[pos]
-    if first < 0x80:
-        return first, pos + 1
-    size = 256 - first
-    if size > 8:
-        raise GobError(f"encoded unsigned integer out of range (length byte {first:#04x})")
-    if pos + 1 + size > len(buf):
+    size = 256 - buf[pos] if buf[pos] >= 0x80 else 0
+    if size <= 8 and pos + 1 + size > len(buf):
         return None
-    return int.from_bytes(buf[pos + 1 : pos + 1 + size], "big"), pos + 1 + size
+    return decode_uint(buf, pos)
 
 
 class GobMessageSplitter:
@@ -272,7 +274,7 @@ def is_definition(message: bytes) -> bool:
     return type_id < 0
 
 
-class GobFrameCodec:
+class GobFrameCodec(_SessionCodec):
     """Protocol v1: every message is one gob ``[]byte`` value, sealed when encrypted.
 
     ``definitions`` are the type-definition messages already seen on the incoming
@@ -289,20 +291,10 @@ class GobFrameCodec:
         definitions: bytes = b"",
         max_message_size: int = MAX_FRAME_SIZE,
     ) -> None:
-        self._sealer = TcpSealer(session_key, outbound) if session_key is not None else None
-        self._opener = TcpOpener(session_key, outbound) if session_key is not None else None
+        super().__init__(session_key, outbound)
         self._splitter = GobMessageSplitter(max_message_size)
         self._definitions = bytes(definitions)
-        self._pending = b""
         self._error: ProtocolError | GobError | None = None
-
-    @property
-    def encrypted(self) -> bool:
-        return self._sealer is not None
-
-    def queue(self, data: bytes) -> None:
-        """Hold stream bytes for the next ``feed`` (``feed(b"")`` will do) to decode."""
-        self._pending += data
 
     def encode_frame(self, payload: bytes) -> bytes:
         data = self._sealer.seal(payload) if self._sealer is not None else bytes(payload)
