@@ -165,6 +165,7 @@ class _SessionCodec:
         self._sealer = TcpSealer(session_key, outbound) if session_key is not None else None
         self._opener = TcpOpener(session_key, outbound) if session_key is not None else None
         self._pending = b""
+        self._error: Exception | None = None
 
     @property
     def encrypted(self) -> bool:
@@ -173,6 +174,17 @@ class _SessionCodec:
     def queue(self, data: bytes) -> None:
         """Hold stream bytes for the next ``feed`` (``feed(b"")`` will do) to decode."""
         self._pending += data
+
+    def _seal(self, payload: bytes) -> bytes:
+        return self._sealer.seal(payload) if self._sealer is not None else bytes(payload)
+
+    def _input(self, data: bytes) -> bytes:
+        """``data`` behind any held-over bytes; after an error the stream stays unusable."""
+        if self._error is not None:
+            raise self._error
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        return data
 
 
 class FrameCodec(_SessionCodec):
@@ -196,21 +208,17 @@ class FrameCodec(_SessionCodec):
         super().__init__(session_key, outbound)
         self._reader = FrameReader(max_frame_size)
         self._max = max_frame_size
-        self._error: ProtocolError | None = None
 
     def encode_frame(self, payload: bytes) -> bytes:
         # Checked before sealing: a refused message must not use up a nonce.
         size = len(payload) + (SEAL_OVERHEAD if self._sealer is not None else 0)
         if size > self._max:
             raise ValueError(f"outgoing message exceeds maximum size: {size} > {self._max}")
-        data = self._sealer.seal(payload) if self._sealer is not None else bytes(payload)
+        data = self._seal(payload)
         return frame(data)
 
     def feed(self, data: bytes) -> list[bytes]:
-        if self._error is not None:
-            raise self._error
-        if self._pending:
-            data, self._pending = self._pending + data, b""
+        data = self._input(data)
         try:
             frames = self._reader.feed(data)
             if self._opener is not None:
@@ -294,18 +302,14 @@ class GobFrameCodec(_SessionCodec):
         super().__init__(session_key, outbound)
         self._splitter = GobMessageSplitter(max_message_size)
         self._definitions = bytes(definitions)
-        self._error: ProtocolError | GobError | None = None
 
     def encode_frame(self, payload: bytes) -> bytes:
-        data = self._sealer.seal(payload) if self._sealer is not None else bytes(payload)
+        data = self._seal(payload)
         # []byte is a built-in gob type: no definitions, so a fresh encoder writes the same bytes.
         return encode(data, BYTES)
 
     def feed(self, data: bytes) -> list[bytes]:
-        if self._error is not None:
-            raise self._error
-        if self._pending:
-            data, self._pending = self._pending + data, b""
+        data = self._input(data)
         try:
             out: list[bytes] = []
             for message in self._splitter.feed(data):

@@ -11,6 +11,7 @@ from router.errors import WireError
 from router.gob import Encoder, decode_all, decode_int, decode_uint
 from router.peername import format_peer_name, parse_peer_name
 from tests.captures import capture_path, tcp_streams
+from tests.golden import NAMESERVER_FRAME
 from weavedns.records import Nameserver
 from weavedns.wire import (
     CHANNEL,
@@ -26,15 +27,6 @@ from weavedns.wire import (
 
 WV1, WV2, WV3 = (parse_peer_name(f"02:99:00:00:00:0{i}") for i in (1, 2, 3))
 
-# gob.md §9.4: a complete nameserver frame (length, tag 4, envelope, empty GossipData).
-GOLDEN_FRAME = bytes.fromhex("""
-00 00 00 d3 04 0d 0c 00 0a 6e 61 6d 65 73 65 72 76 65 72 09 06 00 fa 02 98 00 00 00 02 ff b8 0a
-00 ff b4 33 ff ab 03 01 01 0a 47 6f 73 73 69 70 44 61 74 61 01 ff ac 00 01 02 01 09 54 69 6d 65
-73 74 61 6d 70 01 04 00 01 07 45 6e 74 72 69 65 73 01 ff b0 00 00 00 16 ff af 02 01 01 07 45 6e
-74 72 69 65 73 01 ff b0 00 01 ff ae 00 00 5e ff ad 03 01 01 05 45 6e 74 72 79 01 ff ae 00 01 06
-01 0b 43 6f 6e 74 61 69 6e 65 72 49 44 01 0c 00 01 06 4f 72 69 67 69 6e 01 06 00 01 04 41 64 64
-72 01 06 00 01 08 48 6f 73 74 6e 61 6d 65 01 0c 00 01 07 56 65 72 73 69 6f 6e 01 04 00 01 09 54
-6f 6d 62 73 74 6f 6e 65 01 04 00 00 00 09 ff ac 01 fc d6 02 53 bc 00""".replace("\n", " "))
 
 
 @dataclass
@@ -125,8 +117,8 @@ def test_capture_replayed_into_wv1_matches_its_report() -> None:
 
 
 def test_golden_frame_from_gob_reference() -> None:
-    assert int.from_bytes(GOLDEN_FRAME[:4], "big") == len(GOLDEN_FRAME) - 4
-    channel, sender, payload = decode_all(GOLDEN_FRAME[5:])
+    assert int.from_bytes(NAMESERVER_FRAME[:4], "big") == len(NAMESERVER_FRAME) - 4
+    channel, sender, payload = decode_all(NAMESERVER_FRAME[5:])
     assert (channel, sender) == (CHANNEL, 0x029800000002)
     assert decode_gossip(payload) == GossipMessage(1795238366, ())
     assert encode_gossip(GossipMessage(1795238366, ()), first_id=86) == payload

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from ipam_crdt.wire import IPAM_GOSSIP, PEER_NAMES, RING, RING_ENTRIES, RING_ENTRY
 from router.gob import (
     BOOL,
     BYTES,
@@ -34,12 +35,9 @@ from router.gob import (
     encode_stream,
     encode_uint,
 )
+from router.topology import CONN_LIST, CONN_SUMMARY, PEER_SUMMARY
+from tests.golden import FEATURES_WV2, IPAM_PAYLOAD_WV2, NAMESERVER_FRAME, hx
 from weavedns.wire import DNS_GOSSIP
-
-
-def hx(text: str) -> bytes:
-    return bytes.fromhex(" ".join(text.split()))
-
 
 # ----------------------------------------------------------------- scalars (gob.md §2)
 
@@ -100,15 +98,6 @@ def test_encoding_out_of_range_values() -> None:
 
 # ----------------------------------------------------------- golden messages (gob.md §9)
 
-FEATURES_WV2 = hx("""
-0e ff 93 04 01 02 ff 94 00 01 0c 01 0c 00 00 ff 9b ff 94 00 08 04 4e 61 6d 65 11 30
-32 3a 39 38 3a 30 30 3a 30 30 3a 30 30 3a 30 32 08 4e 69 63 6b 4e 61 6d 65 04 77 76 2d 32 07 53
-68 6f 72 74 49 44 04 33 32 33 34 03 55 49 44 13 38 34 39 35 34 38 39 36 36 30 35 31 33 37 32 37
-33 37 34 06 43 6f 6e 6e 49 44 13 37 31 30 33 33 30 32 34 32 37 32 38 38 34 33 36 36 33 31 07 54
-72 75 73 74 65 64 05 66 61 6c 73 65 08 4f 76 65 72 6c 61 79 73 06 73 6c 65 65 76 65 0f 50 65 65
-72 4e 61 6d 65 46 6c 61 76 6f 75 72 03 6d 61 63""")
-
-
 def test_feature_map_golden_decode_and_reencode() -> None:
     [features] = decode_all(FEATURES_WV2, STRING_MAP)
     assert features == {
@@ -137,14 +126,6 @@ def test_go_doc_point_example() -> None:
     assert pt == {"X": 22, "Y": 33} and pt.type_name == "Point" and pt.X == 22
 
 
-PEER_SUMMARY = StructType("peerSummary", (
-    Field("NameByte", BYTES), Field("NickName", STRING), Field("UID", UINT), Field("Version", UINT),
-    Field("ShortID", UINT), Field("HasShortID", BOOL),
-))
-CONN_SUMMARY = StructType("connectionSummary", (
-    Field("NameByte", BYTES), Field("RemoteTCPAddr", STRING), Field("Outbound", BOOL), Field("Established", BOOL),
-))
-CONN_LIST = SliceType(CONN_SUMMARY)
 
 TOPOLOGY_BODY = hx("""
 0b 0c 00 08 74 6f 70 6f 6c 6f 67 79 09 06 00 fa 02 98 00 00 00 02 fe 01 3d 0a 00
@@ -190,15 +171,6 @@ def test_go_numbering_order_slice_after_element() -> None:
     assert enc._ids[PEER_SUMMARY] == 75 and enc._ids[CONN_SUMMARY] == 76 and enc._ids[CONN_LIST] == 77
 
 
-NAMESERVER_FRAME = hx("""
-00 00 00 d3 04 0d 0c 00 0a 6e 61 6d 65 73 65 72 76 65 72 09 06 00 fa 02 98 00 00 00 02 ff b8 0a
-00 ff b4 33 ff ab 03 01 01 0a 47 6f 73 73 69 70 44 61 74 61 01 ff ac 00 01 02 01 09 54 69 6d 65
-73 74 61 6d 70 01 04 00 01 07 45 6e 74 72 69 65 73 01 ff b0 00 00 00 16 ff af 02 01 01 07 45 6e
-74 72 69 65 73 01 ff b0 00 01 ff ae 00 00 5e ff ad 03 01 01 05 45 6e 74 72 79 01 ff ae 00 01 06
-01 0b 43 6f 6e 74 61 69 6e 65 72 49 44 01 0c 00 01 06 4f 72 69 67 69 6e 01 06 00 01 04 41 64 64
-72 01 06 00 01 08 48 6f 73 74 6e 61 6d 65 01 0c 00 01 07 56 65 72 73 69 6f 6e 01 04 00 01 09 54
-6f 6d 62 73 74 6f 6e 65 01 04 00 00 00 09 ff ac 01 fc d6 02 53 bc 00""")
-
 def test_nameserver_golden_frame() -> None:
     assert int.from_bytes(NAMESERVER_FRAME[:4], "big") == len(NAMESERVER_FRAME) - 4
     channel, sender, payload = decode_all(NAMESERVER_FRAME[5:])
@@ -207,37 +179,6 @@ def test_nameserver_golden_frame() -> None:
     assert data == {"Timestamp": 1795238366, "Entries": []}
     # Numbered from 86 the way wv-2's process did: GossipData 86, Entry 87, Entries 88.
     assert Encoder(first_id=86).encode(data, DNS_GOSSIP) == payload
-
-
-NODE_ID = StructType("", (Field("Name", UINT), Field("UID", UINT)))
-PROPOSAL_ID = StructType("ProposalID", (Field("Round", UINT), Field("Proposer", NODE_ID)))
-PAXOS_VALUE = SliceType(UINT, "Value")
-ACCEPTED_VALUE = StructType("AcceptedValue", (Field("Value", PAXOS_VALUE), Field("Origin", PROPOSAL_ID)))
-NODE_CLAIMS = StructType("", (Field("Promise", PROPOSAL_ID), Field("Accepted", PROPOSAL_ID),
-                              Field("AcceptedVal", ACCEPTED_VALUE)))
-PAXOS_STATE = MapType(NODE_ID, NODE_CLAIMS, "GossipState")
-RING_ENTRY = StructType("", (Field("Token", UINT), Field("Peer", UINT), Field("Version", UINT), Field("Free", UINT)))
-RING_ENTRIES = SliceType(RING_ENTRY, "entries")
-PEER_NAMES = SliceType(UINT, "[]mesh.PeerName")
-RING = StructType("Ring", (Field("Start", UINT), Field("End", UINT), Field("Peer", UINT),
-                           Field("Entries", RING_ENTRIES), Field("Seeds", PEER_NAMES)))
-IPAM_GOSSIP = StructType("gossipState", (
-    Field("Now", INT), Field("Nicknames", MapType(UINT, STRING, "map[mesh.PeerName]string")),
-    Field("Paxos", PAXOS_STATE), Field("Ring", RING, optional=True),
-))
-IPAM_PAYLOAD_WV2 = hx(
-    "45ff9b0301010b676f73736970537461746501ff9c00010401034e6f7701040001094e69636b6e616d657301ff9e00010550"
-    "61786f7301ffaa00010452696e6701ff8200000028ff9d040101186d61705b6d6573682e506565724e616d655d737472696e"
-    "6701ff9e000106010c00001dffa90401010b476f73736970537461746501ffaa0001ffa001ffa200001dff9f030102ffa000"
-    "010201044e616d650106000103554944010600000038ffa1030102ffa2000103010750726f6d69736501ffa4000108416363"
-    "657074656401ffa400010b416363657074656456616c01ffa600000030ffa30301010a50726f706f73616c494401ffa40001"
-    "020105526f756e64010600010850726f706f73657201ffa000000032ffa50301010d416363657074656456616c756501ffa6"
-    "000102010556616c756501ffa80001064f726967696e01ffa400000013ffa70201010556616c756501ffa8000106000045ff"
-    "810301010452696e6701ff82000105010553746172740106000103456e640106000104506565720106000107456e74726965"
-    "7301ff86000105536565647301ff8800000016ff8502010107656e747269657301ff860001ff84000034ff83030102ff8400"
-    "01040105546f6b656e010600010450656572010600010756657273696f6e01060001044672656501060000001dff87020101"
-    "0f5b5d6d6573682e506565724e616d6501ff88000106000019ff9c01fcd60253bc0101fa0298000000020477762d32010000"
-)
 
 
 def test_ipam_gossip_state_definition_order_and_struct_keys() -> None:

@@ -28,6 +28,7 @@ from router.errors import WireError
 from router.gob import BYTES, STRING, UINT, decode_all, encode_stream
 from router.gossip_api import SendUnicast
 from tests.captures import CAPTURE_DIR, capture_path, tcp_streams
+from tests.golden import IPAM_PAYLOAD_WV2
 
 WV1, WV2, WV3 = 0x029900000001, 0x029900000002, 0x029900000003
 ADDR = {"10.201.0.1": WV1, "10.201.0.2": WV2, "10.201.0.3": WV3}
@@ -160,30 +161,16 @@ def test_sender_type_ids_are_weaves(messages: list[IpamMessage]) -> None:
             assert wire.sender_type_ids(m.payload[1:], wire.RANGE) == wire.WEAVE_RANGE_TYPE_IDS
 
 
-# gob.md §9.4: wv-2's first IPAM gossip in plain-startup.pcap (no ring, empty Paxos map).
-GOLDEN_WV2_EMPTY = bytes.fromhex(
-    "45ff9b0301010b676f73736970537461746501ff9c00010401034e6f7701040001094e69636b6e616d657301ff9e00010550"
-    "61786f7301ffaa00010452696e6701ff8200000028ff9d040101186d61705b6d6573682e506565724e616d655d737472696e"
-    "6701ff9e000106010c00001dffa90401010b476f73736970537461746501ffaa0001ffa001ffa200001dff9f030102ffa000"
-    "010201044e616d650106000103554944010600000038ffa1030102ffa2000103010750726f6d69736501ffa4000108416363"
-    "657074656401ffa400010b416363657074656456616c01ffa600000030ffa30301010a50726f706f73616c494401ffa40001"
-    "020105526f756e64010600010850726f706f73657201ffa000000032ffa50301010d416363657074656456616c756501ffa6"
-    "000102010556616c756501ffa80001064f726967696e01ffa400000013ffa70201010556616c756501ffa8000106000045ff"
-    "810301010452696e6701ff82000105010553746172740106000103456e640106000104506565720106000107456e74726965"
-    "7301ff86000105536565647301ff8800000016ff8502010107656e747269657301ff860001ff84000034ff83030102ff8400"
-    "01040105546f6b656e010600010450656572010600010756657273696f6e01060001044672656501060000001dff87020101"
-    "0f5b5d6d6573682e506565724e616d6501ff88000106000019ff9c01fcd60253bc0101fa0298000000020477762d32010000"
-)
 
 
 def test_golden_gob_md_payload() -> None:
-    state = wire.decode_gossip_state(GOLDEN_WV2_EMPTY)
+    state = wire.decode_gossip_state(IPAM_PAYLOAD_WV2)
     assert state == wire.GossipState(1795238366, {0x029800000002: "wv-2"}, {}, None)
-    assert wire.sender_type_ids(GOLDEN_WV2_EMPTY) == wire.WEAVE_GOSSIP_TYPE_IDS
-    assert wire.encode_gossip_state(state) == GOLDEN_WV2_EMPTY
+    assert wire.sender_type_ids(IPAM_PAYLOAD_WV2) == wire.WEAVE_GOSSIP_TYPE_IDS
+    assert wire.encode_gossip_state(state) == IPAM_PAYLOAD_WV2
     # With our own numbering from 65 the bytes differ but mean the same.
     ours = wire.encode_gossip_state(state, {})
-    assert ours != GOLDEN_WV2_EMPTY and wire.decode_gossip_state(ours) == state
+    assert ours != IPAM_PAYLOAD_WV2 and wire.decode_gossip_state(ours) == state
 
 
 def _last(messages: list[IpamMessage], **match: object) -> IpamMessage:
