@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -59,8 +58,41 @@ def _running_pid() -> int | None:
     return pid
 
 
-def _weaver_command() -> list[str]:
-    return [sys.executable, "-m", "router.weaver"]
+def _spawn_weaver(args: list[str], log_path: Path) -> int:
+    """Fork the daemon from this process: it has already paid for the interpreter's
+    start-up, which matters when many routers start at once on a small machine."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(log_fd)
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        from router.weaver import main as weaver_main
+
+        code = weaver_main(args)
+    except BaseException:  # the child must never return into the CLI
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _exit_code(pid: int) -> int | None:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done == 0:
+        return None
+    return os.waitstatus_to_exitcode(status)
 
 
 def cmd_launch(args: list[str]) -> int:
@@ -79,19 +111,12 @@ def cmd_launch(args: list[str]) -> int:
     log_path = directory / "weaver.log"
     ready = directory / "weaver.ready"
     ready.unlink(missing_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [*_weaver_command(), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    _pid_file().write_text(f"{proc.pid}\n")
+    child = _spawn_weaver(args, log_path)
+    _pid_file().write_text(f"{child}\n")
     tty = sys.stderr.isatty()
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     while time.monotonic() < deadline:
-        code = proc.poll()
+        code = _exit_code(child)
         if code is not None:
             _pid_file().unlink(missing_ok=True)
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
@@ -105,12 +130,12 @@ def cmd_launch(args: list[str]) -> int:
             else:
                 if tty:
                     print(file=sys.stderr)
-                print(f"weave router started (pid {proc.pid}); log: {log_path}")
+                print(f"weave router started (pid {child}); log: {log_path}")
                 return 0
         if tty:
             print(".", end="", file=sys.stderr, flush=True)
         time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(child, signal.SIGTERM)
     _pid_file().unlink(missing_ok=True)
     raise CliError(f"weave launch: the router did not answer within {LAUNCH_TIMEOUT:.0f} s; see {log_path}")
 
