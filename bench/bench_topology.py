@@ -4,6 +4,10 @@ Builds a 100-peer topology with 20 connections per peer, then times encode_topol
 decode_topology of the whole thing (what a router sends every 30 s and on every new
 connection), with pickle dumps/loads of the same entries as a reference point.
 
+The "model" row is what a router pays: Peers.encode_full with each peer's value messages
+cached, and Peers.apply_update of a payload that brings no news (the common case in
+gossip: connection lists of peers that are not newer are never decoded).
+
     python bench/bench_topology.py [--peers 100] [--conns 20] [--seconds 1.0] [--json out.json]
 """
 
@@ -24,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from router.topology import (  # noqa: E402
     ConnectionSummary,
+    Peers,
     PeerSummary,
     TopologyEntry,
     decode_topology,
@@ -78,6 +83,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = encode_topology(entries)
     assert decode_topology(payload) == [(s, list(c)) for s, c in entries]
     pickled = pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL)
+    model = Peers(0x0A_00_00_00_00_01, "bench", 1, 4095, rng=random.Random(2))
+    first = entries[0][0]
+    model.register_remote(first.name, first.nickname, first.uid, first.short_id)
+    model.add_connection(first.name, "10.0.0.1:6783", outbound=True, established=True)
+    model.apply_update(entries)
 
     results: dict[str, Any] = {
         "benchmark": "topology_full_message",
@@ -87,12 +97,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": platform.machine(),
         "gob": {"bytes": len(payload)},
         "pickle": {"bytes": len(pickled)},
+        "model": {"bytes": len(model.encode_full())},
     }
     cases = {
         ("gob", "encode"): lambda: encode_topology(entries),
         ("gob", "decode"): lambda: decode_topology(payload),
         ("pickle", "encode"): lambda: pickle.dumps(entries, protocol=pickle.HIGHEST_PROTOCOL),
         ("pickle", "decode"): lambda: pickle.loads(pickled),
+        ("model", "encode"): model.encode_full,
+        ("model", "decode"): lambda: model.apply_update(payload),
     }
     for (codec, op), fn in cases.items():
         per_call, iterations = time_per_call(fn, args.seconds)
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print(f"full topology message: {args.peers} peers x {args.conns} connections")
     print(f"{'codec':8} {'bytes':>8} {'encode µs':>12} {'decode µs':>12}")
-    for codec in ("gob", "pickle"):
+    for codec in ("gob", "model", "pickle"):
         r = results[codec]
         print(f"{codec:8} {r['bytes']:>8} {r['encode_us']:>12.1f} {r['decode_us']:>12.1f}")
     if args.json:

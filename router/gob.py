@@ -343,9 +343,19 @@ class Encoder:
 
     def encode(self, value: Any, typ: GobType) -> bytes:
         """Definitions this value needs (first use only), then one value message."""
+        return self.definitions(typ) + self.value(value, typ)
+
+    def definitions(self, typ: GobType) -> bytes:
+        """The definitions `typ` needs that this stream has not sent yet (assigning ids)."""
+        out = bytearray()
+        self._assign(typ)
+        self._define(typ, out)
+        return bytes(out)
+
+    def value(self, value: Any, typ: GobType) -> bytes:
+        """One value message, without definitions: the caller sends those first."""
         out = bytearray()
         type_id = self._assign(typ)
-        self._define(typ, out)
         body = bytearray(encode_int(type_id))
         if not isinstance(typ, StructType):
             body.append(0)  # the "singleton" field delta of a non-struct top-level value
@@ -560,6 +570,7 @@ class Decoder:
         self._types: dict[int, _WireDef] = dict(_PREDEFINED_TABLE)
         # The end of the message being decoded; reads never go past it.
         self._end = 0
+        self._mark = 0
         self._depth = 0
         self._plans: dict[tuple[int, int], Callable[[], Any]] = {}
         self._expects: list[GobType | None] = []
@@ -578,6 +589,32 @@ class Decoder:
 
     def decode(self, expect: GobType | None = None) -> Any:
         """The next value. Definitions in front of it are read and stored."""
+        type_id = self._next_value()
+        value = self._top_value(type_id, expect)
+        # Go ignores whatever follows a value inside its message.
+        self._pos = self._end
+        return value
+
+    def skip(self) -> int:
+        """Pass over the next value without decoding it (definitions in front are still
+        read); returns a mark for `decode_at`."""
+        self._next_value()
+        mark = self._mark
+        self._pos = self._end
+        return mark
+
+    def decode_at(self, mark: int, expect: GobType | None = None) -> Any:
+        """Decode a value passed over by `skip`, with the types known now."""
+        saved = self._pos
+        self._pos = mark
+        try:
+            return self.decode(expect)
+        finally:
+            self._pos = saved
+
+    def _next_value(self) -> int:
+        """Read definitions up to the next value message; return its type id, positioned
+        on its body. `self._mark` is where the message starts."""
         while True:
             if self.at_end:
                 raise GobError("end of gob stream: no more values")
@@ -588,6 +625,7 @@ class Decoder:
                 raise GobError(
                     f"truncated gob message: length {length} but only {len(self._buf) - start} bytes remain"
                 )
+            self._mark = self._pos
             self._end = start + length
             self._pos = start
             type_id = self._int()
@@ -596,10 +634,7 @@ class Decoder:
                 continue
             if type_id == 0:
                 raise GobError("gob message with type id 0")
-            value = self._top_value(type_id, expect)
-            # Go ignores whatever follows a value inside its message.
-            self._pos = self._end
-            return value
+            return type_id
 
     def _read_definition(self, type_id: int) -> None:
         if type_id < _FIRST_USER_ID:

@@ -13,10 +13,11 @@ garbage-collected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -122,11 +123,48 @@ def encode_topology(entries: Iterable[TopologyEntry], type_ids: Mapping[GobType,
     `type_ids` pins the process-wide gob ids Go would use (e.g. {PEER_SUMMARY: 75,
     CONN_SUMMARY: 76, CONN_LIST: 77}) for byte-exact comparisons; any ids decode.
     """
+    if type_ids is None:
+        return join_entry_values(entry_values(summary, conns) for summary, conns in entries)
     enc = Encoder(type_ids)
     out = bytearray()
     for summary, conns in entries:
         out += enc.encode(summary.to_gob(), PEER_SUMMARY)
         out += enc.encode([c.to_gob() for c in conns], CONN_LIST)
+    return bytes(out)
+
+
+def _fresh_stream_parts() -> tuple[Encoder, bytes, bytes]:
+    enc = Encoder()
+    return enc, enc.definitions(PEER_SUMMARY), enc.definitions(CONN_LIST)
+
+
+# A fresh encoder always numbers the types the same way, so the value messages of a peer
+# are the same bytes in every payload: they are encoded once per peer version (Peers
+# caches them) and payloads are joined from them.
+_VALUES, _PEER_DEFS, _CONN_DEFS = _fresh_stream_parts()
+
+EntryValues = tuple[bytes, bytes]
+
+
+def entry_values(summary: PeerSummary, conns: Iterable[ConnectionSummary]) -> EntryValues:
+    """The two gob value messages of one entry, for `join_entry_values`."""
+    return (
+        _VALUES.value(summary.to_gob(), PEER_SUMMARY),
+        _VALUES.value([c.to_gob() for c in conns], CONN_LIST),
+    )
+
+
+def join_entry_values(values: Iterable[EntryValues]) -> bytes:
+    """A payload from entries' value messages, with the definitions in front of first use."""
+    out = bytearray()
+    for peer_value, conns_value in values:
+        if not out:
+            out += _PEER_DEFS
+            out += peer_value
+            out += _CONN_DEFS
+        else:
+            out += peer_value
+        out += conns_value
     return bytes(out)
 
 
@@ -159,8 +197,17 @@ def _conn_from_gob(raw: Mapping[str, Any], owner: int) -> ConnectionSummary:
 
 def decode_topology(payload: bytes) -> list[DecodedEntry]:
     """Every (peer, connections) pair in a topology payload. Bad input raises WireError."""
+    return [(peer, conns()) for peer, conns in decode_topology_lazily(payload)]
+
+
+def decode_topology_lazily(payload: bytes) -> list[tuple[PeerSummary, Callable[[], list[ConnectionSummary]]]]:
+    """Every peer summary in a payload, with a function that decodes its connections.
+
+    Most summaries in gossip are not news, and their connection lists (the bulk of a
+    payload) never need decoding. Bad input raises WireError, from here or the function.
+    """
     dec = Decoder(payload)
-    out: list[DecodedEntry] = []
+    out: list[tuple[PeerSummary, Callable[[], list[ConnectionSummary]]]] = []
     while not dec.at_end:
         try:
             peer = _peer_from_gob(dec.decode(PEER_SUMMARY))
@@ -170,11 +217,19 @@ def decode_topology(payload: bytes) -> list[DecodedEntry]:
             # Go would silently drop the peer; a truncated pair is not something Weave sends.
             raise WireError(f"topology: peer {format_peer_name(peer.name)} has no connection list")
         try:
-            raw_conns = dec.decode(CONN_LIST)
+            mark = dec.skip()
         except GobError as exc:
             raise GobError(f"topology: bad connection list of {format_peer_name(peer.name)}: {exc}") from None
-        out.append((peer, [_conn_from_gob(c, peer.name) for c in raw_conns]))
+        out.append((peer, functools.partial(_decode_conns, dec, mark, peer.name)))
     return out
+
+
+def _decode_conns(dec: Decoder, mark: int, owner: int) -> list[ConnectionSummary]:
+    try:
+        raw_conns = dec.decode_at(mark, CONN_LIST)
+    except GobError as exc:
+        raise GobError(f"topology: bad connection list of {format_peer_name(owner)}: {exc}") from None
+    return [_conn_from_gob(c, owner) for c in raw_conns]
 
 
 # ---------------------------------------------------------------- the model
@@ -318,6 +373,8 @@ class Peers:
         self._peers: dict[int, Peer] = {name: me}
         self._refs: Counter[int] = Counter()
         self._rng = rng
+        # The encoded value messages of each peer, valid while the Peer object is current.
+        self._values: dict[int, tuple[Peer, EntryValues]] = {}
 
     # -- reading
 
@@ -357,11 +414,22 @@ class Peers:
 
     def encode_full(self, type_ids: Mapping[GobType, int] | None = None) -> bytes:
         """The complete topology: the payload of periodic gossip and of a new connection."""
-        return encode_topology(self.entries(), type_ids)
+        return self.encode_peers(self._peers, type_ids)
 
     def encode_peers(self, names: Iterable[int], type_ids: Mapping[GobType, int] | None = None) -> bytes:
         """A topology payload for just these peers (unknown names are left out)."""
-        return encode_topology(self.entries(names), type_ids)
+        if type_ids is not None:
+            return encode_topology(self.entries(names), type_ids)
+        chosen = sorted(n for n in set(names) if n in self._peers)
+        return join_entry_values(self._entry_values(self._peers[n]) for n in chosen)
+
+    def _entry_values(self, peer: Peer) -> EntryValues:
+        cached = self._values.get(peer.name)
+        if cached is not None and cached[0] is peer:
+            return cached[1]
+        values = entry_values(peer.summary(), peer.connections.values())
+        self._values[peer.name] = (peer, values)
+        return values
 
     # -- peers met on our own connections
 
@@ -428,47 +496,47 @@ class Peers:
     # -- gossip
 
     def apply_update(self, update: bytes | Iterable[TopologyEntry]) -> UpdateResult:
-        """Merge a topology update (a payload or decoded entries). Raises WireError on bad bytes."""
+        """Merge a topology update (a payload or decoded entries). Raises WireError on bad
+        bytes, before anything changes."""
         if isinstance(update, bytes | bytearray | memoryview):
-            entries: list[TopologyEntry] = list(decode_topology(bytes(update)))
+            entries = decode_topology_lazily(bytes(update))
         else:
-            entries = list(update)
-        known_before = set(self._peers)
-        # Peers first seen in this update: their first summary is taken whatever it says.
-        fresh: set[int] = set()
-        for summary, _ in entries:
-            if summary.name not in self._peers:
-                self._peers[summary.name] = Peer(summary.name)
-                fresh.add(summary.name)
-        for _, conns in entries:
-            for conn in conns:
-                if conn.name not in self._peers:
-                    self._peers[conn.name] = Peer(conn.name)
-
-        improved: set[int] = set()
+            entries = [(summary, functools.partial(list, conns)) for summary, conns in update]
+        # Decide entry by entry (a later summary of the same peer competes with an earlier
+        # one), decoding only the connection lists that are taken.
+        taken: dict[int, Peer] = {}
+        ours: list[PeerSummary] = []
         restarted: set[int] = set()
-        local_modified = False
         for summary, conns in entries:
             name = summary.name
             if name == self._name:
-                local_modified |= self._outdo_old_incarnation(summary)
+                ours.append(summary)
                 continue
-            current = self._peers[name]
-            if name in fresh:
-                fresh.discard(name)
-            elif not supersedes(summary, current):
-                continue
-            elif current.uid != 0 and summary.uid != current.uid:
-                restarted.add(name)
-            self._peers[name] = Peer.from_summary(summary, conns)
-            improved.add(name)
+            current = taken.get(name) or self._peers.get(name)
+            if current is not None:
+                # A peer first seen in this update takes its first summary whatever it says.
+                if not supersedes(summary, current):
+                    continue
+                if current.uid != 0 and summary.uid != current.uid:
+                    restarted.add(name)
+            taken[name] = Peer.from_summary(summary, conns())
+
+        known_before = set(self._peers)
+        local_modified = False
+        for summary in ours:
+            local_modified |= self._outdo_old_incarnation(summary)
+        self._peers.update(taken)
+        for peer in taken.values():
+            for remote in peer.connections:
+                if remote not in self._peers:
+                    self._peers[remote] = Peer(remote)
 
         removed = self._collect()
         gone = {p.name for p in removed}
         local_modified |= self._ensure_own_short_id()
         return UpdateResult(
             received=frozenset(s.name for s, _ in entries),
-            improved=frozenset(improved - gone),
+            improved=frozenset(set(taken) - gone),
             new=frozenset(set(self._peers) - known_before),
             restarted=frozenset(restarted - gone),
             removed=tuple(removed),
@@ -525,6 +593,7 @@ class Peers:
         for p in removed:
             del self._peers[p.name]
             self._refs.pop(p.name, None)
+            self._values.pop(p.name, None)
         if removed:
             log.debug("topology: removed unreachable peers %s", ", ".join(str(p) for p in removed))
         return removed
