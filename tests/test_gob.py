@@ -387,3 +387,24 @@ def test_mutated_golden_streams_raise_only_gob_errors(stream: bytes, data: st.Da
         decode_all(bytes(buf))
     except GobError:
         pass
+
+
+def test_skip_then_decode_at_reads_values_out_of_order() -> None:
+    enc = Encoder()
+    point = StructType("Point", (Field("X", INT), Field("Y", INT)))
+    stream = enc.encode({"X": 1, "Y": 2}, point) + enc.encode([1, 2, 3], SliceType(INT))
+    stream += enc.encode({"X": 3, "Y": 4}, point)
+    dec = Decoder(stream)
+    first = dec.skip()
+    second = dec.skip()
+    assert dec.decode(point) == {"X": 3, "Y": 4} and dec.at_end
+    assert dec.decode_at(second) == [1, 2, 3]
+    assert dec.decode_at(first, point) == {"X": 1, "Y": 2}
+    assert dec.at_end  # decode_at leaves the stream position alone
+
+
+def test_skip_checks_the_message_length() -> None:
+    enc = Encoder()
+    stream = enc.encode([1, 2, 3], SliceType(INT))
+    with pytest.raises(GobError, match="truncated"):
+        Decoder(stream[:-1]).skip()

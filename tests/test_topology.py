@@ -75,6 +75,51 @@ def test_decode_inverts_encode(entries: list[tuple[PeerSummary, list[ConnectionS
     assert decode_topology(encode_topology(entries)) == entries
 
 
+@given(topologies)
+def test_joined_payload_equals_a_fresh_encoders_stream(entries: list) -> None:
+    # encode_topology(type_ids=None) joins cached value messages; it must be exactly the
+    # stream a fresh gob encoder (ids from 65, in Go's order) writes.
+    fresh_ids = {PEER_SUMMARY: 65, CONN_SUMMARY: 66, CONN_LIST: 67}
+    assert encode_topology(entries) == encode_topology(entries, fresh_ids)
+
+
+def test_model_payload_tracks_every_change() -> None:
+    model = make_peers()
+    connect(model, B, uid=50)
+    model.apply_update([(ps(B, 50, 1), [cs(A), cs(C)])])
+    before = model.encode_full()
+    assert before == encode_topology(model.entries())
+    model.apply_update([(PeerSummary(B, "renamed", 50, 2), [cs(A)])])
+    after = model.encode_full()
+    assert after != before and after == encode_topology(model.entries())
+    assert model.encode_peers([B, D]) == encode_topology(model.entries([B]))
+
+
+def test_bad_connection_list_of_a_new_peer_changes_nothing() -> None:
+    model = make_peers()
+    connect(model, B, uid=50)
+    bad_conn = {"NameByte": b"\x01\x02", "RemoteTCPAddr": "", "Outbound": False, "Established": True}
+    enc = Encoder()
+    bad = enc.encode(ps(B, 50, 3).to_gob(), PEER_SUMMARY) + enc.encode([cs(A).to_gob()], CONN_LIST)
+    bad += enc.encode(ps(C, 7, 1).to_gob(), PEER_SUMMARY) + enc.encode([bad_conn], CONN_LIST)
+    before = model.entries()
+    with pytest.raises(WireError, match="NameByte must be 6 bytes"):
+        model.apply_update(bad)
+    assert model.entries() == before  # B's newer summary in front was not applied either
+
+
+def test_stale_entries_are_not_decoded_beyond_their_summary() -> None:
+    model = make_peers()
+    connect(model, B, uid=50)
+    model.apply_update([(ps(B, 50, 5), [cs(A)])])
+    # Version 4 is older than what we have: its connection list is skipped, not decoded.
+    enc = Encoder()
+    bad_conn = {"NameByte": b"\x01", "RemoteTCPAddr": "", "Outbound": False, "Established": True}
+    stale = enc.encode(ps(B, 50, 4).to_gob(), PEER_SUMMARY) + enc.encode([bad_conn], CONN_LIST)
+    result = model.apply_update(stale)
+    assert result.improved == frozenset() and result.received == {B}
+
+
 @given(topologies, st.integers(65, 1000))
 def test_any_type_ids_decode(entries: list[tuple[PeerSummary, list[ConnectionSummary]]], first: int) -> None:
     ids = {PEER_SUMMARY: first + 5, CONN_SUMMARY: first, CONN_LIST: first + 1}
