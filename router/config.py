@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = "/var/lib/weave"
 DEFAULT_HTTP_ADDR = "127.0.0.1:6784"
+DEFAULT_MTU = 1376
 
 # Weave flags whose features arrive with later work; refused with this reason until then.
 NOT_YET = {
@@ -29,10 +30,8 @@ NOT_YET = {
     "--dns-ttl": "weaveDNS",
     "--dns-fallback-timeout": "weaveDNS",
     "--resolv-conf": "weaveDNS",
-    "--mtu": "the data paths (sleeve/fastdp)",
     "--no-bridged-fastdp": "fastdp",
     "--datapath": "fastdp",
-    "--weave-bridge": "the data paths (sleeve/fastdp)",
     "--plugin": "the Docker plugin",
     "--plugin-v2": "the Docker plugin",
     "--proxy": "the Docker API proxy (not planned)",
@@ -66,6 +65,8 @@ class RouterConfig:
     log_level: str = "info"
     peers: list[str] = field(default_factory=list)
     state_dir: Path = Path(DEFAULT_STATE_DIR)
+    mtu: int = DEFAULT_MTU
+    bridge: str = "weave"
 
 
 class ConfigError(Exception):
@@ -92,6 +93,8 @@ def build_parser(prog: str = "weaver") -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.add_argument("--no-fastdp", action="store_true", help="accepted; there is no fastdp yet")
     p.add_argument("--no-restart", action="store_true", help="accepted for compatibility")
+    p.add_argument("--mtu", type=int, default=None, help="MTU of the bridge and containers (WEAVE_MTU)")
+    p.add_argument("--weave-bridge", default="weave", help="name of the bridge containers attach to")
     p.add_argument("peers", nargs="*")
     return p
 
@@ -119,6 +122,16 @@ def parse_args(argv: list[str]) -> RouterConfig:
             trusted.append(ipaddress.IPv4Network(part, strict=False))
         except ValueError:
             raise ConfigError(f"--trusted-subnets: {part!r} is not an IPv4 CIDR") from None
+    mtu = args.mtu
+    if mtu is None:
+        try:
+            mtu = int(os.environ.get("WEAVE_MTU") or DEFAULT_MTU)
+        except ValueError:
+            raise ConfigError(f"WEAVE_MTU={os.environ['WEAVE_MTU']!r} is not a number") from None
+    if not 576 <= mtu <= 65535:
+        raise ConfigError(f"--mtu {mtu}: must be between 576 and 65535")
+    if not 0 < len(args.weave_bridge) <= 15:
+        raise ConfigError(f"--weave-bridge {args.weave_bridge!r}: must be 1 to 15 characters")
     password = args.password if args.password is not None else os.environ.get("WEAVE_PASSWORD")
     try:
         name = parse_peer_name(args.name) if args.name else load_or_create_name(directory)
@@ -138,6 +151,8 @@ def parse_args(argv: list[str]) -> RouterConfig:
         log_level=args.log_level,
         peers=list(args.peers),
         state_dir=directory,
+        mtu=mtu,
+        bridge=args.weave_bridge,
     )
 
 

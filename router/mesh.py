@@ -30,6 +30,7 @@ import trio
 from router.errors import HandshakeError, ProtocolError, WireError
 from router.gossip_api import Action, GossipData, Gossiper, SendBroadcast, SendUnicast
 from router.handshake import Handshake, HandshakeFailure, PeerIdentity, RemoteFeatures
+from router.overlay import Overlay, OverlayConn
 from router.peername import format_peer_name
 from router.protocol import GossipMessage, Tag, decode_gossip, encode_gossip, encode_message, split_message
 from router.routes import Routes
@@ -66,6 +67,9 @@ ACCEPT_BURST = 20
 ACCEPT_REFILL = 0.05
 MAX_SURROGATES = 64
 TOPOLOGY_CHANNEL = "topology"
+_OVERLAY_TAGS = frozenset(
+    {Tag.CONNECTION_ESTABLISHED, Tag.FRAGMENTATION_RECEIVED, Tag.PMTU_VERIFIED, Tag.OVERLAY_CONTROL}
+)
 
 
 def heartbeat_interval_from_env() -> float:
@@ -142,6 +146,7 @@ class Connection:
         self.remote: RemoteFeatures | None = None
         self.conn_uid = 0
         self.encrypted = False
+        self.overlay_key: bytes | None = None
         self.codec = None
         self.info = ""
         # For the sender task: messages in order, each (message, its gossip channel or
@@ -230,6 +235,8 @@ class Mesh:
         self._accepts = TokenBucket(ACCEPT_BURST, ACCEPT_REFILL, 0.0)
         # Called with the names of peers that left the topology (IPAM/DNS clean-up).
         self.on_peers_removed: list[Callable[[list[int]], None]] = []
+        # The data path that confirms connections; without one they carry only gossip.
+        self.overlay: Overlay | None = None
 
     @property
     def name(self) -> int:
@@ -431,6 +438,7 @@ class Mesh:
             trusted_remote=self._trusted(conn.address),
             overlays=self.config.overlays,
             min_version=self.config.min_version,
+            extra_features=self.overlay.features() if self.overlay is not None else None,
         )
         await conn.stream.send_all(hs.initiate())
         while not hs.complete:
@@ -454,6 +462,7 @@ class Mesh:
         conn.conn_uid = hs.conn_uid
         conn.codec = hs.codec
         conn.encrypted = hs.session_key is not None
+        conn.overlay_key = hs.overlay_session_key
         conn.state = "pending"
 
     def _register(self, conn: Connection) -> None:
@@ -472,17 +481,28 @@ class Mesh:
         known = self.peers.get(remote.name)
         restarted = known is not None and known.uid not in (0, remote.uid)
         new = self.peers.register_remote(remote.name, remote.nickname, remote.uid, remote.short_id)
-        # The stand-in overlay confirms at once: the connection is established.
-        self.peers.add_connection(remote.name, conn.address, conn.outbound, established=True)
-        conn.state = "established"
+        self.peers.add_connection(remote.name, conn.address, conn.outbound, established=False)
         self.connections[remote.name] = conn
         self._topology_changed({self.name, remote.name})
         log.info(
-            "connection %s %s established%s",
+            "connection %s %s added%s",
             "to" if conn.outbound else "from",
             conn.describe(),
             " (encrypted)" if conn.encrypted else "",
         )
+        if self.overlay is not None:
+            host, _, port = conn.address.rpartition(":")
+            self.overlay.connection_up(
+                OverlayConn(
+                    remote=remote.name,
+                    nickname=remote.nickname,
+                    conn_uid=conn.conn_uid,
+                    outbound=conn.outbound,
+                    tcp_address=(host.strip("[]"), int(port)),
+                    session_key=conn.overlay_key,
+                    features=dict(remote.raw),
+                )
+            )
         if new or restarted:
             self._send_full_state(conn)
         else:
@@ -494,6 +514,8 @@ class Mesh:
         if self.connections.get(name) is not conn:
             return
         del self.connections[name]
+        if self.overlay is not None:
+            self.overlay.connection_down(name, conn.conn_uid)
         removed = self.peers.remove_connection(name)
         self.peers.release_remote(name)
         removed += self.peers.garbage_collect()
@@ -574,8 +596,12 @@ class Mesh:
         if split is None:
             return
         tag, body = split
+        if tag in _OVERLAY_TAGS:
+            if self.overlay is not None:
+                self.overlay.control(conn.remote_name, conn.conn_uid, tag, body)
+            return
         if tag not in (Tag.GOSSIP, Tag.GOSSIP_UNICAST, Tag.GOSSIP_BROADCAST):
-            return  # heartbeats, overlay control (no overlay yet), and tags we don't know
+            return  # heartbeats and tags we don't know
         msg = decode_gossip(tag, body)
         self.gossip_bytes_received[msg.channel] += len(frame)
         self.gossip_messages_received[msg.channel] += 1
@@ -705,6 +731,31 @@ class Mesh:
             found = self._update_discovered(now)
             self.maker.retry_now({a for a, n in found.items() if n in fresh}, now)
         return changed or None
+
+    # ------------------------------------------------------------ overlay host
+
+    def _overlay_conn(self, remote: int, conn_uid: int) -> Connection | None:
+        conn = self.connections.get(remote)
+        return conn if conn is not None and conn.conn_uid == conn_uid else None
+
+    def overlay_established(self, remote: int, conn_uid: int) -> None:
+        conn = self._overlay_conn(remote, conn_uid)
+        if conn is None or conn.state == "established":
+            return
+        conn.state = "established"
+        self.peers.set_connection_established(remote)
+        self._topology_changed({self.name})
+        log.info("connection %s %s established", "to" if conn.outbound else "from", conn.describe())
+
+    def overlay_failed(self, remote: int, conn_uid: int, reason: str) -> None:
+        conn = self._overlay_conn(remote, conn_uid)
+        if conn is not None:
+            conn.close(reason)
+
+    def overlay_send(self, remote: int, conn_uid: int, tag: Tag, body: bytes) -> None:
+        conn = self._overlay_conn(remote, conn_uid)
+        if conn is not None:
+            conn.send(tag, body)
 
     def _peers_removed(self, removed: list) -> None:
         if not removed:

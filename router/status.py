@@ -10,8 +10,6 @@ from router.peername import format_peer_name
 
 PROTOCOL_MIN = 1
 PROTOCOL_MAX = 2
-# Connections are confirmed by a stand-in until the sleeve and fastdp overlays exist.
-OVERLAY_NAME = "stand-in"
 
 
 def _peer_label(name: int, nickname: str) -> str:
@@ -49,10 +47,14 @@ def router_report(mesh: Mesh) -> dict[str, Any]:
         attrs: dict[str, Any] = {}
         info = ""
         if conn.remote is not None:
-            attrs = {"name": OVERLAY_NAME, "mtu": 0}
-            if conn.encrypted:
+            overlay = mesh.overlay.status(conn.remote.name) if mesh.overlay is not None else None
+            name = overlay.overlay if overlay is not None else "none"
+            attrs = {"name": name, "mtu": overlay.mtu if overlay is not None else 0}
+            if overlay is not None and overlay.encrypted or overlay is None and conn.encrypted:
                 attrs["encrypted"] = True
-            info = f"{OVERLAY_NAME} {_peer_label(conn.remote.name, conn.remote.nickname)}"
+            if overlay is not None and overlay.detail:
+                attrs["detail"] = overlay.detail
+            info = f"{name} {_peer_label(conn.remote.name, conn.remote.nickname)}"
         connections.append(
             {
                 "Address": conn.address if not conn.outbound else (conn.target or conn.address),
@@ -102,7 +104,7 @@ def router_report(mesh: Mesh) -> dict[str, Any]:
         "Connections": connections,
         "TerminationCount": mesh.termination_count,
         "Targets": mesh.maker.direct_targets(),
-        "OverlayDiagnostics": {OVERLAY_NAME: None},
+        "OverlayDiagnostics": {"sleeve": None} if mesh.overlay is not None else {},
         "TrustedSubnets": [str(n) for n in mesh.config.trusted_subnets],
         "Interface": "",
         "MACs": [],
@@ -164,7 +166,8 @@ def connections_text(rep: dict[str, Any]) -> str:
         if attrs:
             enc = "encrypted  " if attrs.get("encrypted") else "unencrypted"
             mtu = f"mtu={attrs['mtu']}" if attrs.get("mtu") else ""
-            line = f"{arrow} {c['Address']:<21} {c['State']:<11} {c['Info']}  {enc} {mtu}"
+            detail = f" ({attrs['detail']})" if attrs.get("detail") else ""
+            line = f"{arrow} {c['Address']:<21} {c['State']:<11} {c['Info']}{detail}  {enc} {mtu}"
             out.append(line.rstrip())
         else:
             out.append(f"{arrow} {c['Address']:<21} {c['State']:<11} {c['Info']}".rstrip())

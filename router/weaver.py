@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import sys
+import time
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from router.api import build_app
+from router.bridge import DEFAULT_TAP, DriverError, ensure_bridge, ensure_tap
 from router.config import ConfigError, RouterConfig, parse_args
 from router.mesh import Mesh, MeshConfig
+from sleeve.datapath import DataPath, open_df_socket, open_udp_socket
+from sleeve.service import SleeveOverlay
+from sleeve.switch import Switch
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +39,29 @@ def mesh_config(cfg: RouterConfig) -> MeshConfig:
     )
 
 
+async def start_sleeve(cfg: RouterConfig, mesh: Mesh) -> SleeveOverlay:
+    """The bridge, its sleeve TAP port and the UDP sockets; the overlay of the mesh."""
+    await trio.to_thread.run_sync(functools.partial(ensure_bridge, cfg.bridge, cfg.mtu))
+    tap = functools.partial(ensure_tap, DEFAULT_TAP, cfg.bridge, cfg.mtu, vnet_hdr=True, nonblocking=True)
+    tap_fd = await trio.to_thread.run_sync(tap)
+    sock = open_udp_socket(cfg.host, cfg.port)
+    switch = Switch(mesh.name, lambda: mesh.routes, time.monotonic)
+    datapath = DataPath(mesh.name, tap_fd, True, sock, switch, df_sock=open_df_socket())
+    overlay = SleeveOverlay(mesh, datapath, cfg.port)
+    mesh.overlay = overlay
+    return overlay
+
+
 async def run(cfg: RouterConfig) -> None:
     mesh = Mesh(mesh_config(cfg))
+    overlay = await start_sleeve(cfg, mesh)
     http = HypercornConfig()
     http.bind = [cfg.http_addr]
     http.accesslog = None
     http.errorlog = logging.getLogger("router.http")
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
+        await nursery.start(overlay.run)
         await nursery.start(mesh.run)
         await nursery.start(serve, build_app(mesh), http)
         (cfg.state_dir / "weaver.ready").write_text(str(os.getpid()))
@@ -67,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     (cfg.state_dir / "weaver.ready").unlink(missing_ok=True)
     try:
         trio.run(run, cfg)
-    except OSError as exc:
+    except (OSError, DriverError) as exc:
         log.error("cannot start: %s", exc)
         print(f"weaver: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,121 @@
+"""Forwarding decisions of the sleeve, sans-IO: which peers a frame goes to.
+
+A learning switch over peers (weave-net.md §3.1): source MACs of frames read from the
+TAP are ours, source MACs of frames received from a peer belong to the peer that
+captured them. A known destination goes along the unicast route to its peer; broadcast,
+multicast and unknown destinations go along our broadcast tree. A frame carries its
+capturing peer (src) and final peer (dst); a flooded frame is addressed to each next hop,
+which delivers it locally and passes it on along the capturing peer's broadcast tree.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+MAC_EXPIRY = 600.0
+STP_MAC = bytes.fromhex("0180c2000000")
+
+
+class RouteTable(Protocol):
+    def next_hop(self, dest: int) -> int | None: ...
+
+    def broadcast(self, origin: int) -> list[int]: ...
+
+
+# (next hop, destination peer) pairs
+Hops = list[tuple[int, int]]
+
+
+class MacTable:
+    """MAC -> peer, with expiry. Entries are refreshed by every frame they send."""
+
+    def __init__(self, expiry: float = MAC_EXPIRY) -> None:
+        self.expiry = expiry
+        self._macs: dict[bytes, tuple[int, float]] = {}
+
+    def learn(self, mac: bytes, peer: int, now: float) -> int | None:
+        """Record `mac` at `peer`; returns the peer it moved from, if it moved."""
+        old = self._macs.get(mac)
+        self._macs[mac] = (peer, now)
+        if old is not None and old[0] != peer and now - old[1] <= self.expiry:
+            return old[0]
+        return None
+
+    def lookup(self, mac: bytes, now: float) -> int | None:
+        entry = self._macs.get(mac)
+        if entry is None or now - entry[1] > self.expiry:
+            return None
+        return entry[0]
+
+    def forget_peer(self, peer: int) -> None:
+        for mac in [m for m, (p, _) in self._macs.items() if p == peer]:
+            del self._macs[mac]
+
+    def expire(self, now: float) -> int:
+        stale = [m for m, (_, seen) in self._macs.items() if now - seen > self.expiry]
+        for mac in stale:
+            del self._macs[mac]
+        return len(stale)
+
+    def items(self, now: float) -> list[tuple[bytes, int]]:
+        return [(m, p) for m, (p, seen) in self._macs.items() if now - seen <= self.expiry]
+
+    def __len__(self) -> int:
+        return len(self._macs)
+
+
+class Switch:
+    """Decides where frames go. `routes` is read on every call, so the owner may swap it."""
+
+    def __init__(self, ourself: int, routes: Callable[[], RouteTable], clock: Callable[[], float]) -> None:
+        self.ourself = ourself
+        self.macs = MacTable()
+        self._routes = routes
+        self._clock = clock
+        self.moved = 0
+
+    def _flood(self, origin: int, exclude: int | None = None) -> Hops:
+        return [(hop, hop) for hop in self._routes().broadcast(origin) if hop != exclude]
+
+    def from_local(self, frame: bytes | memoryview) -> Hops:
+        """A frame captured from our bridge: the (next hop, destination peer) to send it to."""
+        now = self._clock()
+        dst_mac = bytes(frame[0:6])
+        self.macs.learn(bytes(frame[6:12]), self.ourself, now)
+        if dst_mac[0] & 1:
+            if dst_mac == STP_MAC:
+                return []
+            return self._flood(self.ourself)
+        peer = self.macs.lookup(dst_mac, now)
+        if peer is None:
+            return self._flood(self.ourself)
+        if peer == self.ourself:
+            return []  # the bridge delivers it; we saw it because the bridge flooded it
+        hop = self._routes().next_hop(peer)
+        return [(hop, peer)] if hop else []
+
+    def from_peer(self, sender: int, src: int, dst: int, frame: bytes | memoryview) -> tuple[bool, Hops]:
+        """A frame received from neighbour `sender`, captured at `src` for `dst`.
+
+        Returns (deliver to our bridge, where to relay it).
+        """
+        now = self._clock()
+        if src != self.ourself:
+            moved_from = self.macs.learn(bytes(frame[6:12]), src, now)
+            if moved_from is not None:
+                self.moved += 1
+                mac = bytes(frame[6:12]).hex(":")
+                log.debug("sleeve: MAC %s moved from peer %x to %x", mac, moved_from, src)
+        if dst != self.ourself:
+            hop = self._routes().next_hop(dst)
+            return False, ([(hop, dst)] if hop and hop != sender else [])
+        dst_mac = bytes(frame[0:6])
+        if not dst_mac[0] & 1 and self.macs.lookup(dst_mac, now) == self.ourself:
+            return True, []
+        # Broadcast, multicast, or a destination its capturer did not know: deliver here
+        # and pass on along the capturer's broadcast tree.
+        return True, self._flood(src, exclude=sender)

@@ -1,0 +1,333 @@
+"""The fastdp health state machine against a simulated clock and a simulated lossy path."""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from fastdp.health import (
+    HealthConfig,
+    HealthMonitor,
+    LinkState,
+    PeerHealth,
+    SendAck,
+    SendHeartbeat,
+    Transition,
+)
+
+PEER_A = 0x02_00_00_00_00_0A
+PEER_B = 0x02_00_00_00_00_0B
+UID = 0x1234_5678_9ABC_DEF0
+STEP = 0.01  # simulated tick granularity
+LATENCY = 0.001
+
+# path(now, direction, size) -> delivered?  direction is "ab" or "ba"
+Path = Callable[[float, str, int], bool]
+
+
+def always(now: float, direction: str, size: int) -> bool:
+    return True
+
+
+@dataclass
+class Sim:
+    """Two peers' views of one link (A's view of B, B's view of A) over a simulated path."""
+
+    path: Path = always
+    config: HealthConfig = field(default_factory=HealthConfig)
+    b_starts: float = 0.0
+    now: float = 0.0
+    a: PeerHealth = field(init=False)
+    b: PeerHealth | None = None
+    queue: list[tuple[float, int, str, object]] = field(default_factory=list)
+    log: list[tuple[str, Transition]] = field(default_factory=list)
+    counter: int = 0
+
+    def __post_init__(self) -> None:
+        self.a = PeerHealth(PEER_B, UID, 0.0, self.config)
+
+    def _send(self, src: str, action: SendHeartbeat | SendAck) -> None:
+        direction = "ab" if src == "a" else "ba"
+        size = action.size if isinstance(action, SendHeartbeat) else 60
+        if self.path(self.now, direction, size):
+            self.counter += 1
+            heapq.heappush(self.queue, (self.now + LATENCY, self.counter, "b" if src == "a" else "a", action))
+
+    def _handle(self, who: str, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, Transition):
+                self.log.append((who, action))
+            else:
+                self._send(who, action)
+
+    def run_until(self, end: float) -> None:
+        while self.now < end:
+            if self.b is None and self.now >= self.b_starts:
+                self.b = PeerHealth(PEER_A, UID, self.now, self.config)
+            while self.queue and self.queue[0][0] <= self.now:
+                _, _, dst, action = heapq.heappop(self.queue)
+                view = self.a if dst == "a" else self.b
+                if view is None:
+                    continue  # B's daemon does not know the link yet: no ack
+                if isinstance(action, SendHeartbeat):
+                    self._handle(dst, view.heartbeat_received(self.now, action.seq, action.timestamp_ns))
+                else:
+                    assert isinstance(action, SendAck)
+                    self._handle(dst, view.ack_received(self.now, action.seq, action.timestamp_ns))
+            self._handle("a", self.a.tick(self.now))
+            if self.b is not None:
+                self._handle("b", self.b.tick(self.now))
+            self.now = round(self.now + STEP, 6)
+
+    def transitions(self, who: str = "a") -> list[Transition]:
+        return [t for w, t in self.log if w == who]
+
+    def first(self, who: str, new: LinkState, after: float = 0.0) -> float:
+        times = [t.at for t in self.transitions(who) if t.new is new and t.at >= after]
+        assert times, f"{who} never became {new.value} after {after}: {self.transitions(who)}"
+        return times[0]
+
+
+def broken_between(start: float, end: float, directions: str = "ab ba") -> Path:
+    def path(now: float, direction: str, size: int) -> bool:
+        return not (start <= now < end and direction in directions.split())
+    return path
+
+
+# --- confirmation ---------------------------------------------------------------------------
+
+
+def test_new_link_is_confirmed_quickly() -> None:
+    sim = Sim()
+    sim.run_until(2.0)
+    for who in "ab":
+        assert sim.first(who, LinkState.HEALTHY) < 0.3
+        (t,) = sim.transitions(who)
+        assert t.old is LinkState.PENDING and t.reason.startswith("confirmed")
+    # each hop is delivered on the next simulated tick
+    assert sim.a.rtt is not None and sim.a.rtt == pytest.approx(2 * STEP, abs=STEP)
+
+
+def test_confirmed_within_1s_of_the_peer_starting_late() -> None:
+    sim = Sim(b_starts=3.0)
+    sim.run_until(5.0)
+    assert sim.a.state is LinkState.HEALTHY
+    assert sim.first("a", LinkState.HEALTHY) - 3.0 < 1.0
+    assert sim.first("b", LinkState.HEALTHY) - 3.0 < 1.0
+
+
+def test_not_confirmed_then_confirmed_by_first_exchange() -> None:
+    sim = Sim(b_starts=8.0)
+    sim.run_until(10.0)
+    (fail, ok) = sim.transitions("a")
+    assert fail.new is LinkState.UNHEALTHY and fail.at == pytest.approx(5.0, abs=STEP)
+    assert "not confirmed" in fail.reason and "no ack" in fail.reason
+    # Never confirmed before: no hysteresis, the first exchange is enough.
+    assert ok.new is LinkState.HEALTHY and ok.at - 8.0 < 1.0
+
+
+# --- failover --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("directions", ["ab ba", "ab", "ba"])
+def test_declared_unhealthy_within_3s_of_a_break(directions: str) -> None:
+    sim = Sim(path=broken_between(5.0, 100.0, directions))
+    sim.run_until(10.0)
+    for who in "ab":
+        t = sim.first(who, LinkState.UNHEALTHY)
+        assert 1.5 <= t - 5.0 < 3.0, (who, t)
+        reason = sim.transitions(who)[-1].reason
+        assert reason.startswith("heartbeats lost") and "s ago" in reason
+    # While unhealthy the peer keeps probing, at the slower rate.
+    sent = sim.a.sent
+    sim.run_until(20.0)
+    assert 18 <= sim.a.sent - sent <= 22
+
+
+def test_unhealthy_reason_names_the_direction() -> None:
+    sim = Sim(path=broken_between(2.0, 100.0, "ab"))
+    sim.run_until(6.0)
+    assert "not acknowledged" in sim.transitions("a")[-1].reason
+    assert "none received" in sim.transitions("b")[-1].reason
+
+
+def test_random_loss_does_not_flap() -> None:
+    rng = random.Random(7)
+    sim = Sim(path=lambda now, d, s: rng.random() >= 0.1)  # 10 % loss each way
+    sim.run_until(300.0)
+    assert [t.new for t in sim.transitions("a")] == [LinkState.HEALTHY]
+    assert [t.new for t in sim.transitions("b")] == [LinkState.HEALTHY]
+
+
+def test_mtu_too_small_fails_full_size_heartbeats_only() -> None:
+    def path(now: float, direction: str, size: int) -> bool:
+        return not (now >= 3.0 and size > 1200)  # heartbeats are 1390, acks 60
+
+    sim = Sim(path=path)
+    sim.run_until(8.0)
+    assert 1.5 <= sim.first("a", LinkState.UNHEALTHY) - 3.0 < 3.0
+    assert 1.5 <= sim.first("b", LinkState.UNHEALTHY) - 3.0 < 3.0
+
+
+def test_send_error_is_reported_in_the_reason() -> None:
+    cfg = HealthConfig()
+    link = PeerHealth(PEER_B, UID, 0.0, cfg)
+    now, actions = 0.0, []
+    for action in link.tick(now):
+        assert isinstance(action, SendHeartbeat) and action.size == 1390
+        link.heartbeat_received(now, 1, 0)
+        link.ack_received(now + 0.001, action.seq, action.timestamp_ns)
+    assert link.state is LinkState.HEALTHY
+    while now < 3.0:
+        now += STEP
+        for action in link.tick(now):
+            if isinstance(action, SendHeartbeat):
+                link.send_failed(now, action.seq, "path MTU to 10.0.0.2 is below 1426 bytes")
+            actions.append(action)
+    (t,) = [a for a in actions if isinstance(a, Transition)]
+    assert t.new is LinkState.UNHEALTHY and "path MTU" in t.reason
+
+
+# --- return and hysteresis -------------------------------------------------------------------
+
+
+def test_healthy_again_within_10s_with_hysteresis() -> None:
+    sim = Sim(path=broken_between(5.0, 15.0))
+    sim.run_until(30.0)
+    for who in "ab":
+        back = sim.first(who, LinkState.HEALTHY, after=15.0)
+        assert 1.5 <= back - 15.0 < 10.0, back
+        assert sim.transitions(who)[-1].reason.startswith("healthy again")
+
+
+def test_short_blips_do_not_flip_the_link() -> None:
+    def path(now: float, direction: str, size: int) -> bool:
+        return now < 2.0 or (now % 2.5) < 1.5  # down 1 s of every 2.5 s
+
+    sim = Sim(path=path)
+    sim.run_until(30.0)
+    assert [t.new for t in sim.transitions("a")] == [LinkState.HEALTHY]
+
+
+def test_intermittent_path_stays_on_the_sleeve() -> None:
+    def path(now: float, direction: str, size: int) -> bool:
+        return now < 3.0 or (now % 4.0) < 1.2  # up 1.2 s, down 2.8 s: never clean for long
+
+    sim = Sim(path=path)
+    sim.run_until(40.0)
+    assert [t.new for t in sim.transitions("a")] == [LinkState.HEALTHY, LinkState.UNHEALTHY]
+
+
+def test_flapping_is_damped_but_bounded() -> None:
+    # Down 3 s, up 9 s, repeatedly: every outage is detected; each return takes longer
+    # than the one before (up to the cap), but never more than 10 s.
+    def path(now: float, direction: str, size: int) -> bool:
+        return now < 5.0 or ((now - 5.0) % 12.0) >= 3.0
+
+    sim = Sim(path=path)
+    sim.run_until(65.0)
+    ts = sim.transitions("a")
+    downs = [t.at for t in ts if t.new is LinkState.UNHEALTHY]
+    ups = [t.at for t in ts[1:] if t.new is LinkState.HEALTHY]
+    assert len(downs) >= 4
+    delays = []
+    for up in ups:
+        restored = 8.0 + 12.0 * ((up - 8.0) // 12.0)
+        delays.append(up - restored)
+    assert all(d < 10.0 for d in delays), delays
+    assert delays == sorted(delays) and delays[-1] > delays[0] + 2.0, delays
+    assert sim.a.required_rounds(sim.now) == HealthConfig().max_recovery_rounds
+
+
+# --- the machine's details -------------------------------------------------------------------
+
+
+def test_heartbeat_cadence_per_state() -> None:
+    link = PeerHealth(PEER_B, UID, 0.0)
+    sends = [a for i in range(101) for a in link.tick(i * STEP) if isinstance(a, SendHeartbeat)]
+    assert len(sends) == 11  # pending: every 100 ms over [0, 1]
+    assert [a.seq for a in sends] == list(range(1, 12))
+    assert link.next_deadline() == pytest.approx(1.1)
+
+
+def test_late_tick_does_not_burst() -> None:
+    link = PeerHealth(PEER_B, UID, 0.0)
+    link.tick(0.0)
+    assert len(link.tick(5.0)) >= 1
+    assert [a for a in link.tick(5.001) if isinstance(a, SendHeartbeat)] == []
+
+
+def test_acks_and_heartbeats_bookkeeping() -> None:
+    link = PeerHealth(PEER_B, UID, 0.0)
+    assert link.ack_received(0.0, 1, 0) == []  # never sent
+    (hb,) = link.tick(0.0)
+    assert isinstance(hb, SendHeartbeat)
+    actions = link.heartbeat_received(0.01, 7, 123)
+    assert actions == [SendAck(PEER_B, UID, 7, 123)]
+    # a duplicate is still acked but not counted
+    assert link.heartbeat_received(0.02, 7, 123) == [SendAck(PEER_B, UID, 7, 123)]
+    assert link.received == 1
+    actions = link.ack_received(0.03, hb.seq, hb.timestamp_ns)
+    assert [a.new for a in actions if isinstance(a, Transition)] == [LinkState.HEALTHY]
+    assert link.rtt == pytest.approx(0.03)
+    assert link.ack_received(0.04, hb.seq, hb.timestamp_ns) == []  # stale
+    assert link.acked == 1
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        HealthConfig(timeout=0.3)
+    with pytest.raises(ValueError):
+        HealthConfig(healthy_interval=0)
+    with pytest.raises(ValueError):
+        HealthConfig(recovery_rounds=20)
+
+
+def test_monitor_dispatch_and_conn_uid() -> None:
+    mon = HealthMonitor()
+    assert mon.next_deadline() is None
+    mon.add(PEER_B, UID, 0.0)
+    (hb,) = mon.tick(0.0)
+    assert isinstance(hb, SendHeartbeat) and hb.peer == PEER_B
+    assert mon.tick(0.05) == []  # nothing due
+    assert mon.heartbeat_received(0.05, PEER_B, UID + 1, 1, 0) == []  # another connection: not acked
+    assert mon.heartbeat_received(0.05, PEER_A, UID, 1, 0) == []  # unknown peer
+    assert mon.ignored == 2
+    assert mon.heartbeat_received(0.05, PEER_B, UID, 1, 0) == [SendAck(PEER_B, UID, 1, 0)]
+    (t,) = mon.ack_received(0.06, PEER_B, UID, hb.seq, hb.timestamp_ns)
+    assert isinstance(t, Transition) and mon.state(PEER_B) is LinkState.HEALTHY
+    assert mon.next_deadline() == pytest.approx(0.1)  # the send scheduled while pending
+    assert mon.add(PEER_B, UID, 1.0) is mon.links[PEER_B]  # same connection: kept
+    assert mon.add(PEER_B, UID + 1, 1.0).state is LinkState.PENDING  # new connection: fresh
+    mon.send_failed(1.0, PEER_B, 1, "boom")
+    assert mon.links[PEER_B].last_error == "boom"
+    mon.remove(PEER_B)
+    assert mon.state(PEER_B) is None
+
+
+def test_cost_of_25_peers_is_small() -> None:
+    mon = HealthMonitor()
+    peers = [0x020000000100 + i for i in range(25)]
+    for p in peers:
+        mon.add(p, UID, 0.0)
+    calls = 0
+    start = time.perf_counter()
+    now = 0.0
+    while now < 60.0:
+        for action in mon.tick(now):
+            calls += 1
+            if isinstance(action, SendHeartbeat):
+                mon.ack_received(now, action.peer, UID, action.seq, action.timestamp_ns)
+                mon.heartbeat_received(now, action.peer, UID, action.seq, action.timestamp_ns)
+                calls += 2
+        now += 0.05
+    elapsed = time.perf_counter() - start
+    assert all(mon.state(p) is LinkState.HEALTHY for p in peers)
+    assert calls > 25 * 4 * 60 * 2
+    # 60 simulated seconds (with ticks every 50 ms) must cost well under a second.
+    assert elapsed < 0.5, f"{elapsed:.3f} s for {calls} calls"
