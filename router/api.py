@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,6 +17,7 @@ from starlette.routing import Route
 
 from router import status
 from router.mesh import Mesh
+from weavedns.http import dns_routes
 
 log = logging.getLogger(__name__)
 
@@ -92,25 +94,53 @@ def _template(fmt: str, data: Any) -> str:
     return re.sub(r"\{\{(.*?)\}\}", render, fmt)
 
 
-def build_app(mesh: Mesh) -> Starlette:
+def build_app(
+    mesh: Mesh, *, dns: Any = None, ipam: Any = None, routes: list[Route] | None = None
+) -> Starlette:
+    """The API; `dns` and `ipam` are the services when they run, `routes` extra endpoints."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(MeshCollector(mesh))  # type: ignore[arg-type]
 
-    async def get_status(request: Request) -> Response:
+    def full_report() -> dict[str, Any]:
         rep = status.report(mesh)
+        if ipam is not None:
+            section = ipam.report()
+            if section is not None:
+                rep["IPAM"] = section
+        if dns is not None:
+            section = dns.report()
+            if section is not None:
+                rep["DNS"] = section
+        return rep
+
+    def summary(rep: dict[str, Any]) -> str:
+        text = status.status_text(rep)
+        for service in (ipam, dns):
+            lines = service.status_summary() if service is not None else []
+            if lines:
+                text += "\n" + "".join(f"{k:>15}: {v}\n" for k, v in lines)
+        return text
+
+    def service_lines(service: Any) -> Callable[[dict[str, Any]], str]:
+        return lambda rep: "".join(f"{line}\n" for line in service.status_lines()) if service else ""
+
+    async def get_status(request: Request) -> Response:
+        rep = full_report()
         sub = request.path_params.get("sub")
         render = {
-            None: status.status_text,
+            None: summary,
             "peers": status.peers_text,
             "connections": status.connections_text,
             "targets": status.targets_text,
+            "dns": service_lines(dns),
+            "ipam": service_lines(ipam),
         }.get(sub)
         if render is None:
             return PlainTextResponse(f"unknown status section {sub!r}\n", status_code=404)
         return PlainTextResponse(render(rep))
 
     async def get_report(request: Request) -> Response:
-        rep = status.report(mesh)
+        rep = full_report()
         fmt = request.query_params.get("format")
         if fmt is None:
             return JSONResponse(rep)
@@ -144,5 +174,7 @@ def build_app(mesh: Mesh) -> Starlette:
             Route("/connect", post_connect, methods=["POST"]),
             Route("/forget", post_forget, methods=["POST"]),
             Route("/metrics", get_metrics),
+            *(dns_routes(dns) if dns is not None else []),
+            *(routes or []),
         ]
     )

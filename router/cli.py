@@ -169,10 +169,13 @@ def cmd_reset(args: list[str]) -> int:
     return 0
 
 
+STATUS_SECTIONS = ("peers", "connections", "targets", "dns", "ipam")
+
+
 def cmd_status(args: list[str]) -> int:
     sub = args[0] if args else ""
-    if sub not in ("", "peers", "connections", "targets"):
-        raise CliError(f"weave status: unknown section {sub!r} (peers, connections, targets)", 2)
+    if sub and sub not in STATUS_SECTIONS:
+        raise CliError(f"weave status: unknown section {sub!r} ({', '.join(STATUS_SECTIONS)})", 2)
     print(_request("GET", f"/status/{sub}" if sub else "/status"), end="")
     return 0
 
@@ -203,6 +206,118 @@ def cmd_forget(args: list[str]) -> int:
     return 0
 
 
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, add_help=False)
+    p.add_argument("--help", action="help")
+    return p
+
+
+def cmd_attach(args: list[str]) -> int:
+    p = _parser("weave attach")
+    p.add_argument("--without-dns", action="store_true", help="no resolver set-up, no DNS name")
+    p.add_argument("-h", "--hostname", default="", help="register this name in weaveDNS")
+    p.add_argument("--rewrite-hosts", action="store_true", help="accepted for compatibility")
+    p.add_argument("items", nargs="+", metavar="[ADDR...] CONTAINER")
+    opts = p.parse_args(args)
+    *addrs, container = opts.items
+    form = [("container", container), *(("addr", a) for a in addrs)]
+    if opts.hostname:
+        form.append(("hostname", opts.hostname))
+    if opts.without_dns:
+        form.append(("without-dns", "true"))
+    print(_request("POST", "/attach", form, timeout=60), end="")
+    return 0
+
+
+def cmd_detach(args: list[str]) -> int:
+    if not args:
+        raise CliError("usage: weave detach [ADDR...] CONTAINER", 2)
+    *addrs, container = args
+    print(_request("POST", "/detach", [("container", container), *(("addr", a) for a in addrs)]), end="")
+    return 0
+
+
+def cmd_ps(args: list[str]) -> int:
+    text = _request("GET", "/ps")
+    wanted = set(args)
+    for line in text.splitlines():
+        if not wanted or line.split(" ", 1)[0] in wanted:
+            print(line)
+    return 0
+
+
+def _dns_args(prog: str, args: list[str]) -> tuple[list[str], str, str]:
+    """[IP...] CONTAINER [-h FQDN] -> (ips, container, fqdn); IPs default to the container's."""
+    p = _parser(prog)
+    p.add_argument("-h", "--hostname", default="")
+    p.add_argument("items", nargs="+", metavar="[IP...] CONTAINER")
+    opts = p.parse_args(args)
+    items = list(opts.items)
+    ips = [i for i in items if _is_ip(i)]
+    rest = [i for i in items if not _is_ip(i)]
+    if len(rest) > 1:
+        raise CliError(f"{prog}: expected [IP...] CONTAINER, got {' '.join(items)}", 2)
+    container = rest[0] if rest else ""
+    if not ips and container:
+        for entry in json.loads(_request("GET", "/ps?format=json")):
+            if entry["Container"] == container:
+                ips = [a.split("/")[0] for a in entry["Addresses"]]
+        if not ips:
+            raise CliError(f"{prog}: {container} has no addresses; give them", 1)
+    return ips, container, opts.hostname
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def cmd_dns_add(args: list[str]) -> int:
+    ips, container, fqdn = _dns_args("weave dns-add", args)
+    if not fqdn:
+        raise CliError("weave dns-add: -h FQDN is required (a netns has no hostname of its own)", 2)
+    for ip in ips:
+        _request("PUT", f"/name/{urllib.parse.quote(container or 'weave:extern')}/{ip}", [("fqdn", fqdn)])
+    return 0
+
+
+def cmd_dns_remove(args: list[str]) -> int:
+    ips, container, fqdn = _dns_args("weave dns-remove", args)
+    form = [("fqdn", fqdn)] if fqdn else None
+    target = urllib.parse.quote(container or "*")
+    for ip in ips or ["*"]:
+        path = f"/name/{target}/{ip}" if ip != "*" else f"/name/{target}"
+        query = "?" + urllib.parse.urlencode(form) if form else ""
+        _request("DELETE", path + query)
+    return 0
+
+
+def cmd_dns_lookup(args: list[str]) -> int:
+    if len(args) != 1:
+        raise CliError("usage: weave dns-lookup NAME", 2)
+    import socket
+
+    from dnslib import QTYPE, DNSRecord
+
+    address, _, port = _request("GET", "/dns-address-port").strip().rpartition(":")
+    domain = _request("GET", "/domain").strip()
+    name = args[0] if "." in args[0].rstrip(".") else f"{args[0]}.{domain}"
+    query = DNSRecord.question(name, "A")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(3)
+        s.sendto(query.pack(), (address, int(port)))
+        reply = DNSRecord.parse(s.recv(65535))
+    for rr in reply.rr:
+        if rr.rtype == QTYPE.A:
+            print(rr.rdata)
+    return 0
+
+
 def cmd_version(_: list[str]) -> int:
     print(f"weave script {__version__}")
     try:
@@ -229,6 +344,12 @@ COMMANDS = {
     "forget": cmd_forget,
     "version": cmd_version,
     "demo": cmd_demo,
+    "attach": cmd_attach,
+    "detach": cmd_detach,
+    "ps": cmd_ps,
+    "dns-add": cmd_dns_add,
+    "dns-remove": cmd_dns_remove,
+    "dns-lookup": cmd_dns_lookup,
 }
 
 USAGE = """usage: weave <command> [args]
@@ -236,10 +357,18 @@ USAGE = """usage: weave <command> [args]
   launch [flags] [peer ...]   start the router daemon (flags as in Weave: --password, --name, ...)
   stop                        stop the router
   reset                       stop the router and remove its state
-  status [peers|connections|targets]
+  status [peers|connections|targets|dns|ipam]
   report [-f FORMAT]          the JSON report, or FORMAT (a Go-template subset) applied to it
   connect [--replace] peer... add connection targets
   forget peer...              remove connection targets
+  attach [--without-dns] [-h NAME] [ADDR...] CONTAINER
+                              plug a container (a netns name, PID or netns path) into the network;
+                              ADDR is CIDR or ip:CIDR
+  detach [ADDR...] CONTAINER  unplug it (or remove just these addresses)
+  ps [CONTAINER...]           attached containers: name, MAC, addresses
+  dns-add [IP...] CONTAINER -h FQDN
+  dns-remove [IP...] CONTAINER [-h FQDN]
+  dns-lookup NAME             ask weaveDNS
   version
   demo [--keep]               simulated hosts in network namespaces, meshed, shown, cleaned up
 

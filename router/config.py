@@ -24,12 +24,6 @@ NOT_YET = {
     "--ipalloc-range": "IP address management (ipam_crdt)",
     "--ipalloc-init": "IP address management (ipam_crdt)",
     "--ipalloc-default-subnet": "IP address management (ipam_crdt)",
-    "--no-dns": "weaveDNS",
-    "--dns-domain": "weaveDNS",
-    "--dns-listen-address": "weaveDNS",
-    "--dns-ttl": "weaveDNS",
-    "--dns-fallback-timeout": "weaveDNS",
-    "--resolv-conf": "weaveDNS",
     "--no-bridged-fastdp": "fastdp",
     "--datapath": "fastdp",
     "--plugin": "the Docker plugin",
@@ -67,6 +61,12 @@ class RouterConfig:
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     mtu: int = DEFAULT_MTU
     bridge: str = "weave"
+    dns: bool = True
+    dns_domain: str = "weave.local."
+    dns_listen_address: str = ""
+    dns_ttl: int = 1
+    dns_fallback_timeout: float = 5.0
+    resolv_conf: str = "/etc/resolv.conf"
 
 
 class ConfigError(Exception):
@@ -95,6 +95,12 @@ def build_parser(prog: str = "weaver") -> argparse.ArgumentParser:
     p.add_argument("--no-restart", action="store_true", help="accepted for compatibility")
     p.add_argument("--mtu", type=int, default=None, help="MTU of the bridge and containers (WEAVE_MTU)")
     p.add_argument("--weave-bridge", default="weave", help="name of the bridge containers attach to")
+    p.add_argument("--no-dns", action="store_true", help="do not run weaveDNS")
+    p.add_argument("--dns-domain", default="weave.local.")
+    p.add_argument("--dns-listen-address", default="", help="default 169.254.53.1:53")
+    p.add_argument("--dns-ttl", type=int, default=1)
+    p.add_argument("--dns-fallback-timeout", type=float, default=5.0, help="seconds for upstream resolvers")
+    p.add_argument("--resolv-conf", default="/etc/resolv.conf", help="the host's resolvers, for other names")
     p.add_argument("peers", nargs="*")
     return p
 
@@ -132,6 +138,11 @@ def parse_args(argv: list[str]) -> RouterConfig:
         raise ConfigError(f"--mtu {mtu}: must be between 576 and 65535")
     if not 0 < len(args.weave_bridge) <= 15:
         raise ConfigError(f"--weave-bridge {args.weave_bridge!r}: must be 1 to 15 characters")
+    if args.dns_ttl < 0:
+        raise ConfigError("--dns-ttl must be 0 or more")
+    if args.dns_fallback_timeout <= 0:
+        raise ConfigError("--dns-fallback-timeout must be positive")
+    domain = args.dns_domain if args.dns_domain.endswith(".") else args.dns_domain + "."
     password = args.password if args.password is not None else os.environ.get("WEAVE_PASSWORD")
     try:
         name = parse_peer_name(args.name) if args.name else load_or_create_name(directory)
@@ -153,6 +164,12 @@ def parse_args(argv: list[str]) -> RouterConfig:
         state_dir=directory,
         mtu=mtu,
         bridge=args.weave_bridge,
+        dns=not args.no_dns,
+        dns_domain=domain,
+        dns_listen_address=args.dns_listen_address,
+        dns_ttl=args.dns_ttl,
+        dns_fallback_timeout=args.dns_fallback_timeout,
+        resolv_conf=args.resolv_conf,
     )
 
 

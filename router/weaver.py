@@ -14,12 +14,14 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from router.api import build_app
+from router.attach import Attacher, attach_routes
 from router.bridge import DEFAULT_TAP, DriverError, ensure_bridge, ensure_tap
 from router.config import ConfigError, RouterConfig, parse_args
 from router.mesh import Mesh, MeshConfig
 from sleeve.datapath import DataPath, open_df_socket, open_udp_socket
 from sleeve.service import SleeveOverlay
 from sleeve.switch import Switch
+from weavedns.service import DEFAULT_LISTEN, DnsService
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,20 @@ async def start_sleeve(cfg: RouterConfig, mesh: Mesh) -> SleeveOverlay:
 async def run(cfg: RouterConfig) -> None:
     mesh = Mesh(mesh_config(cfg))
     overlay = await start_sleeve(cfg, mesh)
+    # Services that gossip register their channels before the mesh makes connections.
+    dns = DnsService(
+        mesh,
+        cfg.dns_listen_address or DEFAULT_LISTEN,
+        domain=cfg.dns_domain,
+        ttl=cfg.dns_ttl,
+        resolv_conf=cfg.resolv_conf,
+        state_dir=cfg.state_dir,
+        enabled=cfg.dns,
+        bridge=cfg.bridge,
+        fallback_timeout=cfg.dns_fallback_timeout,
+    )
+    attacher = Attacher(cfg.bridge, cfg.mtu, dns=dns if cfg.dns else None, dns_domain=cfg.dns_domain)
+    app = build_app(mesh, dns=dns, routes=attach_routes(attacher))
     http = HypercornConfig()
     http.bind = [cfg.http_addr]
     http.accesslog = None
@@ -63,7 +79,8 @@ async def run(cfg: RouterConfig) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(overlay.run)
         await nursery.start(mesh.run)
-        await nursery.start(serve, build_app(mesh), http)
+        await nursery.start(dns.run)
+        await nursery.start(serve, app, http)
         (cfg.state_dir / "weaver.ready").write_text(str(os.getpid()))
         log.info("weaver ready: API on http://%s", cfg.http_addr)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

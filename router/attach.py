@@ -1,0 +1,249 @@
+"""`weave attach`, `weave detach`, `weave ps`: containers (network namespaces) on the bridge.
+
+The daemon does the work, so that the CLI, the CNI plugin and the Docker plugin share
+one path: the veth (router.containers), then the container's name in weaveDNS and the
+resolver configuration `ip netns exec NAME ...` uses. Addresses are CIDRs given by the
+caller, or allocated by IPAM (`net:default`, `net:CIDR`) when the daemon runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from router import containers
+from router.bridge import DriverError, run_in_netns
+
+log = logging.getLogger(__name__)
+
+
+class AttachError(Exception):
+    """A request that cannot be done; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Allocator(Protocol):
+    """IPAM as attach uses it: `spec` is "net:default", "net:CIDR" or "ip:CIDR"."""
+
+    async def allocate_for(self, ident: str, spec: str) -> ipaddress.IPv4Interface: ...
+
+    async def release(self, ident: str, address: ipaddress.IPv4Interface | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class AddressSpec:
+    kind: str  # "ip" (a given CIDR) or "net" (allocate)
+    value: str  # the CIDR, or "default"
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+
+def parse_address(text: str) -> AddressSpec:
+    """`CIDR`, `ip:CIDR`, `net:CIDR` or `net:default` (Weave's attach arguments)."""
+    kind, sep, value = text.partition(":")
+    if not sep:
+        kind, value = "ip", text
+    if kind == "net" and value == "default":
+        return AddressSpec("net", "default")
+    if kind not in ("ip", "net"):
+        raise AttachError(f"{text!r}: expected CIDR, ip:CIDR, net:CIDR or net:default")
+    try:
+        if kind == "ip":
+            iface = ipaddress.IPv4Interface(value)
+            if "/" not in value:
+                raise ValueError("a prefix length is required")
+            return AddressSpec("ip", str(iface))
+        return AddressSpec("net", str(ipaddress.IPv4Network(value, strict=False)))
+    except ValueError as exc:
+        raise AttachError(f"{text!r} is not a valid address: {exc}") from None
+
+
+class Attacher:
+    def __init__(
+        self,
+        bridge: str,
+        mtu: int,
+        dns: Any = None,
+        ipam: Allocator | None = None,
+        dns_domain: str = "weave.local.",
+    ) -> None:
+        self.bridge = bridge
+        self.mtu = mtu
+        self.dns = dns
+        self.ipam = ipam
+        self.dns_domain = dns_domain
+        self._lock = trio.Lock()  # one attach/detach at a time: they read-modify the kernel
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+        except DriverError as exc:
+            raise AttachError(str(exc), 404 if "does not exist" in str(exc) else 400) from None
+
+    async def attach(
+        self, container: str, addresses: list[str], hostname: str = "", with_dns: bool = True
+    ) -> containers.Attachment:
+        specs = [parse_address(a) for a in addresses]
+        ns = await self._run(containers.resolve, container)
+        if not specs:
+            if self.ipam is None:
+                raise AttachError("no address given, and IPAM is off: give one, e.g. 10.32.1.1/12")
+            specs = [AddressSpec("net", "default")]
+        async with self._lock:
+            cidrs: list[ipaddress.IPv4Interface] = []
+            allocated: list[ipaddress.IPv4Interface] = []
+            try:
+                for spec in specs:
+                    if spec.kind == "ip" and self.ipam is None:
+                        cidrs.append(ipaddress.IPv4Interface(spec.value))
+                        continue
+                    if self.ipam is None:
+                        raise AttachError(f"{spec}: allocating needs IPAM, which is off")
+                    address = await self.ipam.allocate_for(ns.container, str(spec))
+                    allocated.append(address)
+                    cidrs.append(address)
+                result = await self._run(containers.attach, ns.path, cidrs, self.bridge, self.mtu)
+            except BaseException:
+                if self.ipam is not None:
+                    for address in allocated:
+                        with trio.CancelScope(shield=True):
+                            await self.ipam.release(ns.container, address)
+                raise
+            if self.dns is not None and with_dns:
+                await self._dns_setup(ns, result, hostname)
+        log.info("attached %s: %s", ns.container, ", ".join(str(a) for a in result.addresses))
+        return result
+
+    async def _dns_setup(
+        self, ns: containers.ContainerNetns, att: containers.Attachment, hostname: str
+    ) -> None:
+        from weavedns.service import write_netns_resolv_conf
+
+        config = self.dns.container_config(att.ifname)
+        try:
+            await trio.to_thread.run_sync(run_in_netns, ns.path, _apply_dns_routes, config)
+            if "/" not in ns.container:
+                await trio.to_thread.run_sync(
+                    write_netns_resolv_conf, ns.container, self.dns.resolv_conf_for_container()
+                )
+        except (OSError, DriverError) as exc:
+            log.warning("attach %s: DNS set-up failed: %s", ns.container, exc)
+        if hostname:
+            fqdn = hostname if hostname.endswith(".") or "." in hostname else f"{hostname}.{self.dns_domain}"
+            for address in att.addresses:
+                try:
+                    self.dns.add(ns.container, str(address.ip), fqdn)
+                except ValueError as exc:
+                    raise AttachError(f"hostname {hostname!r}: {exc}") from None
+
+    async def detach(self, container: str, addresses: list[str]) -> containers.Detachment:
+        specs = [parse_address(a) for a in addresses]
+        for spec in specs:
+            if spec.kind != "ip":
+                raise AttachError(f"{spec}: detach takes addresses (CIDR), not networks")
+        cidrs = [ipaddress.IPv4Interface(s.value) for s in specs] or None
+        ns = await self._run(containers.resolve, container)
+        async with self._lock:
+            result = await self._run(containers.detach, ns.path, cidrs)
+        if self.ipam is not None:
+            for address in result.addresses:
+                await self.ipam.release(ns.container, address)
+        if self.dns is not None:
+            if result.link_removed:
+                self.dns.container_died(ns.container)
+                if "/" not in ns.container:
+                    from weavedns.service import remove_netns_resolv_conf
+
+                    remove_netns_resolv_conf(ns.container)
+            else:
+                for address in result.addresses:
+                    self.dns.remove(ns.container, str(address.ip))
+        log.info("detached %s: %s", ns.container, ", ".join(str(a) for a in result.addresses) or "nothing")
+        return result
+
+    async def ps(self) -> list[containers.Attachment]:
+        return await trio.to_thread.run_sync(functools.partial(containers.list_attached, self.bridge))
+
+
+def _apply_dns_routes(config: Any) -> None:
+    """In the container's netns: the route and fixed neighbour for the DNS address."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for r in config.routes:
+            index = ipr.link_lookup(ifname=r.dev)[0]
+            ipr.route("replace", dst=r.dst, oif=index, scope=r.scope if isinstance(r.scope, int) else 253)
+        for n in config.neighbours:
+            index = ipr.link_lookup(ifname=n.dev)[0]
+            ipr.neigh("replace", dst=n.address, lladdr=n.lladdr, ifindex=index, state=0x80)  # NUD_PERMANENT
+
+
+def attachment_lines(atts: list[containers.Attachment]) -> str:
+    """`weave ps`: container, MAC, addresses."""
+    lines = (f"{a.container} {a.mac} {' '.join(str(x) for x in a.addresses)}".rstrip() for a in atts)
+    return "".join(f"{line}\n" for line in lines)
+
+
+def attach_routes(attacher: Attacher) -> list[Route]:
+    def handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except AttachError as exc:
+                return PlainTextResponse(f"{exc}\n", status_code=exc.status)
+
+        return wrapped
+
+    @handler
+    async def post_attach(request: Request) -> Response:
+        form = await request.form()
+        container = str(form.get("container", ""))
+        if not container:
+            raise AttachError("container is required")
+        att = await attacher.attach(
+            container,
+            [str(a) for a in form.getlist("addr")],
+            hostname=str(form.get("hostname", "")),
+            with_dns=str(form.get("without-dns", "")).lower() != "true",
+        )
+        return PlainTextResponse("".join(f"{a}\n" for a in att.addresses))
+
+    @handler
+    async def post_detach(request: Request) -> Response:
+        form = await request.form()
+        container = str(form.get("container", ""))
+        if not container:
+            raise AttachError("container is required")
+        result = await attacher.detach(container, [str(a) for a in form.getlist("addr")])
+        return PlainTextResponse("".join(f"{a}\n" for a in result.addresses))
+
+    @handler
+    async def get_ps(request: Request) -> Response:
+        atts = await attacher.ps()
+        if request.query_params.get("format") == "json":
+            return JSONResponse(
+                [
+                    {"Container": a.container, "MAC": a.mac, "Addresses": [str(x) for x in a.addresses]}
+                    for a in atts
+                ]
+            )
+        return PlainTextResponse(attachment_lines(atts))
+
+    return [
+        Route("/attach", post_attach, methods=["POST"]),
+        Route("/detach", post_detach, methods=["POST"]),
+        Route("/ps", get_ps),
+    ]
