@@ -69,6 +69,43 @@ class MeshCollector:
             for channel in sorted({"topology", *counts}):
                 family.add_metric([channel], counts.get(channel, 0))
             yield family
+        stats = getattr(self.mesh.overlay, "datapath_stats", None)
+        if stats is not None:
+            yield from sleeve_metrics(stats())
+
+
+# DataPath.stats keys that count datagrams or frames the sleeve dropped, by reason.
+SLEEVE_DROPS = {
+    "malformed": "malformed",
+    "unknown_sender": "unknown_sender",
+    "dropped_replayed": "replayed",
+    "dropped_too_old": "too_old",
+    "dropped_decryption_failed": "decryption_failed",
+    "dropped_truncated": "truncated",
+    "dropped_malformed": "malformed",
+    "no_link_drops": "no_link",
+    "bad_frames": "bad_frame",
+}
+
+
+def sleeve_metrics(stats: dict[str, int]):  # type: ignore[no-untyped-def]
+    drops = CounterMetricFamily(
+        "pyweave_sleeve_dropped", "Datagrams or frames the sleeve dropped, by reason.", labels=["reason"]
+    )
+    totals: dict[str, int] = dict.fromkeys(sorted(set(SLEEVE_DROPS.values())), 0)
+    for key, reason in SLEEVE_DROPS.items():
+        totals[reason] += stats.get(key, 0)
+    for reason, n in totals.items():
+        drops.add_metric([reason], n)
+    yield drops
+    for key, help_text in (
+        ("datagrams_sent", "UDP datagrams the sleeve sent."),
+        ("datagrams_received", "UDP datagrams the sleeve accepted."),
+        ("frag_needed", "ICMP 'fragmentation needed' replies synthesised for DF frames over the MTU."),
+        ("segmented", "TCP super-frames segmented in userspace for a peer that takes MTU-sized frames."),
+        ("send_errors", "Sends that failed."),
+    ):
+        yield CounterMetricFamily(f"pyweave_sleeve_{key}", help_text, value=stats.get(key, 0))
 
 
 def _template(fmt: str, data: Any) -> str:

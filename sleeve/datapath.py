@@ -47,7 +47,7 @@ from sleeve.wire import (
     PLAIN_PACKET_OVERHEAD,
     SPECIAL_HEADER,
     decode_frames,
-    encode_frames,
+    frame_header,
     packet_sender,
     peer_name_bytes,
 )
@@ -66,8 +66,9 @@ IP_PMTUDISC_PROBE = 3
 
 # (src peer, dst peer, vnet header or b"", Ethernet frame)
 Out = tuple[int, int, bytes, bytes | memoryview]
-# (src peer, dst peer, what the wire frame carries)
-WireFrame = tuple[int, int, bytes | memoryview]
+# (src peer, dst peer, the pieces of what the wire frame carries): sent with sendmsg,
+# so a 64 KB frame is never copied in Python on its way out.
+WireFrame = tuple[int, int, tuple[bytes | memoryview, ...]]
 
 
 @dataclass(eq=False)
@@ -159,11 +160,11 @@ class DataPath:
         size = overhead
         for src, dst, hdr, frame in frames:
             if special:
-                entries = [(src, dst, hdr + frame if hdr else frame)]
+                entries: list[WireFrame] = [(src, dst, (hdr, frame) if hdr else (frame,))]
             else:
                 entries = self._fit(link, src, dst, hdr, frame)
             for entry in entries:
-                n = FRAME_HEADER_SIZE + len(entry[2])
+                n = FRAME_HEADER_SIZE + sum(len(part) for part in entry[2])
                 if batch and size + n > limit:
                     self._transmit(link, batch, sock or self.sock)
                     batch, size = [], overhead
@@ -172,7 +173,7 @@ class DataPath:
         if batch:
             self._transmit(link, batch, sock or self.sock)
 
-    def _fit(self, link: Link, src: int, dst: int, hdr: bytes, frame: bytes | memoryview) -> list:
+    def _fit(self, link: Link, src: int, dst: int, hdr: bytes, frame: bytes | memoryview) -> list[WireFrame]:
         """The wire frames that carry `frame` on `link` (possibly none: dropped or refused)."""
         flags = gso = 0
         if hdr:
@@ -183,7 +184,7 @@ class DataPath:
                 return []
             if link.vnet and len(frame) + VNET_HDR_LEN + FRAME_HEADER_SIZE + 30 <= MAX_UDP_PAYLOAD:
                 if link.frag_ok or len(frame) + VNET_HDR_LEN <= link.mtu + 14:
-                    return [(src, dst, hdr + frame)]
+                    return [(src, dst, (hdr, frame))]
             try:
                 pieces = segment_superframe(frame, VnetHeader(*_VNET.unpack_from(hdr)), link.mtu)
             except FrameError as exc:
@@ -191,7 +192,7 @@ class DataPath:
                 log.debug("sleeve: cannot segment a frame: %s", exc)
                 return []
             self.stats["segmented"] += 1
-            return [(src, dst, NO_OFFLOAD_HEADER + p if link.vnet else p) for p in pieces]
+            return [(src, dst, (NO_OFFLOAD_HEADER, p) if link.vnet else (p,)) for p in pieces]
         if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and not link.vnet:
             try:
                 frame = complete_checksum(frame, VnetHeader(*_VNET.unpack_from(hdr)))
@@ -208,10 +209,10 @@ class DataPath:
                 except (ValueError, WireError):
                     self.stats["bad_frames"] += 1
                     return []
-                return [(src, dst, NO_OFFLOAD_HEADER + p if link.vnet else p) for p in pieces]
+                return [(src, dst, (NO_OFFLOAD_HEADER, p) if link.vnet else (p,)) for p in pieces]
         if link.vnet:
-            return [(src, dst, (hdr or NO_OFFLOAD_HEADER) + frame)]
-        return [(src, dst, frame)]
+            return [(src, dst, (hdr or NO_OFFLOAD_HEADER, frame))]
+        return [(src, dst, (frame,))]
 
     def _refuse(self, link: Link, frame: bytes | memoryview) -> bool:
         """A DF frame too big for the link: tell its sender the MTU (ICMP frag needed)."""
@@ -227,14 +228,18 @@ class DataPath:
 
     def _transmit(self, link: Link, frames: list[WireFrame], sock: socket.socket) -> None:
         assert link.address is not None
+        buffers: list[bytes | memoryview] = []
+        for src, dst, parts in frames:
+            buffers.append(frame_header(src, dst, sum(len(part) for part in parts)))
+            buffers.extend(parts)
         cipher = link.cipher
-        if cipher is None:
-            datagram = encode_frames(frames, self._name)
-        else:
-            with link.lock:
-                datagram = cipher.seal(encode_frames(frames), False)
         try:
-            sock.sendto(datagram, link.address)
+            if cipher is None:
+                sock.sendmsg([self._name, *buffers], (), 0, link.address)
+            else:
+                with link.lock:
+                    datagram = cipher.seal(b"".join(buffers), False)
+                sock.sendto(datagram, link.address)
             self.stats["datagrams_sent"] += 1
         except OSError as exc:
             self.stats["send_errors"] += 1
@@ -244,7 +249,7 @@ class DataPath:
     def _inject(self, hdr: bytes, frame: bytes | memoryview) -> None:
         try:
             if self.vnet_hdr:
-                os.write(self.tap_fd, (hdr or NO_OFFLOAD_HEADER) + frame)
+                os.writev(self.tap_fd, (hdr or NO_OFFLOAD_HEADER, frame))
             else:
                 os.write(self.tap_fd, frame)
         except OSError as exc:

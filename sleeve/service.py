@@ -100,6 +100,9 @@ class SleeveOverlay:
             return None
         return OverlayStatus(OVERLAY_NAME, entry.link.cipher is not None, entry.ctl.mtu)
 
+    def datapath_stats(self) -> dict[str, int]:
+        return dict(self.datapath.stats)
+
     # -- special frames, from the data path's receiving thread
 
     def _special_from_thread(self, sender: int, address: tuple[str, int], frame: bytes) -> None:

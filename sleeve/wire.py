@@ -97,7 +97,7 @@ def max_frame_len(max_payload: int, encrypted: bool) -> int:
 # ---------------------------------------------------------------- encoding
 
 
-def _frame_header(src: int, dst: int, length: int) -> bytes:
+def frame_header(src: int, dst: int, length: int) -> bytes:
     try:
         return _pack_header(src >> 32, src & _M32, dst >> 32, dst & _M32, length)
     except struct.error:
@@ -122,7 +122,7 @@ def encode_frames(frames: Iterable[Frame], prefix: bytes = b"") -> bytes:
     parts: list[BytesLike] = [prefix]
     append = parts.append
     for src, dst, data in frames:
-        append(_frame_header(src, dst, len(data)))
+        append(frame_header(src, dst, len(data)))
         append(data)
     return b"".join(parts)
 
@@ -247,7 +247,7 @@ class Batcher:
                 f"frame of {length} bytes does not fit a {self.max_payload}-byte datagram "
                 f"(at most {self._budget - FRAME_HEADER_SIZE})"
             )
-        header = _frame_header(src, dst, length)
+        header = frame_header(src, dst, length)
         done = None
         if self._used + size > self._budget or self._count >= self.max_frames:
             done = self.flush()
