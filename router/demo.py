@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 
 from router.testbed import Host, Testbed
 
@@ -31,6 +32,38 @@ def _full_mesh(hosts: list[Host]) -> bool:
             if sum(1 for c in peer["Connections"] if c["Established"]) != len(hosts) - 1:
                 return False
     return True
+
+
+def _containers(hosts: list[Host]) -> None:
+    """A container per host, pinging across hosts by address and finding each other by name."""
+    _say("a container (a network namespace) on each host, attached with an address and a name")
+    containers = []
+    for i, host in enumerate(hosts, start=1):
+        c = host.add_container(f"web{i}")
+        cidr = f"10.32.0.{i}/12"
+        print(f"    {host.name}$ weave attach -h web{i} {cidr} {c.netns}")
+        _weave(host, "attach", "-h", f"web{i}", cidr, c.netns)
+        containers.append(c)
+    last = hosts[-1]
+    _say(f"{last.name}$ weave ps")
+    print(_weave(last, "ps"), end="")
+    first = containers[0]
+    for i, host in enumerate(hosts[1:], start=2):
+        _say(f"web1 ({hosts[0].name}) pings web{i} on {host.name} at 10.32.0.{i}, over the sleeve")
+        result = first.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", f"10.32.0.{i}"], check=False)
+        _show(line for line in result.stdout.splitlines() if "packet" in line or "bytes from" in line)
+    asker = f"web{len(hosts)}"
+    _say(f"names resolve through weaveDNS: {asker} asks for web1")
+    result = containers[-1].run(["dig", "+short", "web1.weave.local"], check=False)
+    _show([f"{asker}$ dig +short web1.weave.local", result.stdout.strip() or result.stderr.strip()])
+    result = containers[-1].run(["ping", "-c", "1", "-W", "2", "web1"], check=False)
+    answer = result.stdout.splitlines()[1] if result.returncode == 0 else result.stderr.strip()
+    _show([f"{asker}$ ping -c 1 web1", answer])
+
+
+def _show(lines: Iterable[str]) -> None:
+    for line in lines:
+        print(f"    {line}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -81,6 +114,7 @@ def main(argv: list[str]) -> int:
         print(_weave(hosts[-1], "status", "connections"), end="")
         _say(f"{first.name}$ weave status peers")
         print(_weave(first, "status", "peers"), end="")
+        _containers(hosts)
         if opts.keep:
             _say("left running (--keep). Try for example:")
             print(f"    ip netns exec {first.netns} env WEAVE_STATE_DIR={first.state_dir} weave status")

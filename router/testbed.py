@@ -172,6 +172,11 @@ class RootSnapshot:
     links: frozenset[str]
 
 
+def _remove_etc_netns(ns: str) -> None:
+    """`weave attach` writes /etc/netns/NS/resolv.conf for a container; it goes with the netns."""
+    shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
+
+
 def list_netns() -> set[str]:
     """Names of the named network namespaces (``ip netns list``)."""
     out = _run(["ip", "netns", "list"]).stdout
@@ -788,6 +793,7 @@ class Testbed:
             self._try(f"reap {host.name}/{name}", proc.wait, 5)
         for ns in namespaces:
             self._try(f"delete netns {ns}", _run, ["ip", "netns", "delete", ns])
+            _remove_etc_netns(ns)
         state_root = getattr(self, "state_root", None)
         if state_root is not None:
             if self.keep:
@@ -851,6 +857,7 @@ class Testbed:
                     removed.append(ns)
                 except CommandError as e:
                     log.error("stale test bed %s: %s", prefix, e)
+                _remove_etc_netns(ns)
             state_root = info.get("state_root")
             ours = isinstance(state_root, str) and Path(state_root).name.startswith(prefix + "-")
             if ours and not info.get("keep"):
