@@ -179,9 +179,10 @@ class SleeveLink:
     def path_mtu(self, underlay_mtu: int, now: float) -> list[Action]:
         """Sending failed with EMSGSIZE: the kernel knows a smaller path MTU."""
         candidate = overlay_mtu(underlay_mtu, self.encrypted) - self.frame_overhead
-        if self._bad is None or candidate < self._bad:
-            self._bad = candidate + 1
-        self._candidate = max(min(candidate, self._candidate), self._good)
+        # The path changed: what was verified before no longer holds above the new limit.
+        self._bad = candidate + 1
+        self._good = min(self._good, candidate)
+        self._candidate = candidate
         self.pmtu_state = PmtuState.VERIFYING
         self._probe_attempt = 0
         self._probe_deadline = now

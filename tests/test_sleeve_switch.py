@@ -1,0 +1,93 @@
+"""sleeve.switch: MAC learning and where frames go, over a fixed route table."""
+
+from __future__ import annotations
+
+from sleeve.switch import MacTable, Switch
+
+US, B, C, D = 1, 2, 3, 4
+MAC_LOCAL = bytes.fromhex("0a0000000001")
+MAC_B = bytes.fromhex("0a00000000b0")
+MAC_C = bytes.fromhex("0a00000000c0")
+BCAST = b"\xff" * 6
+
+
+class Routes:
+    """Line US - B - C, and D a direct neighbour of us."""
+
+    def next_hop(self, dest: int) -> int | None:
+        return {US: 0, B: B, C: B, D: D}.get(dest)
+
+    def broadcast(self, origin: int) -> list[int]:
+        return {US: [B, D], B: [D], C: [D], D: [B]}[origin]
+
+
+def frame(dst: bytes, src: bytes) -> bytes:
+    return dst + src + b"\x08\x00" + bytes(46)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make() -> tuple[Switch, Clock]:
+    clock = Clock()
+    return Switch(US, Routes, clock), clock
+
+
+def test_broadcast_and_unknown_go_over_our_broadcast_tree() -> None:
+    switch, _ = make()
+    assert switch.from_local(frame(BCAST, MAC_LOCAL)) == [(B, B), (D, D)]
+    assert switch.from_local(frame(MAC_C, MAC_LOCAL)) == [(B, B), (D, D)]
+
+
+def test_learnt_remote_mac_goes_along_the_unicast_route() -> None:
+    switch, _ = make()
+    deliver, hops = switch.from_peer(B, C, US, frame(BCAST, MAC_C))
+    assert deliver and hops == [(D, D)]  # C's broadcast tree, as we see it
+    assert switch.from_local(frame(MAC_C, MAC_LOCAL)) == [(B, C)]
+
+
+def test_local_destination_is_left_to_the_bridge() -> None:
+    switch, _ = make()
+    switch.from_local(frame(BCAST, MAC_LOCAL))
+    assert switch.from_local(frame(MAC_LOCAL, MAC_B)) == []
+
+
+def test_frames_for_others_are_relayed_not_delivered() -> None:
+    switch, _ = make()
+    deliver, hops = switch.from_peer(D, D, C, frame(MAC_C, bytes.fromhex("0a00000000d0")))
+    assert not deliver and hops == [(B, C)]
+
+
+def test_relay_back_to_the_sender_is_dropped() -> None:
+    switch, _ = make()
+    deliver, hops = switch.from_peer(B, D, C, frame(MAC_C, MAC_B))
+    assert not deliver and hops == []
+
+
+def test_unicast_to_a_known_local_mac_is_not_flooded_on() -> None:
+    switch, _ = make()
+    switch.from_local(frame(BCAST, MAC_LOCAL))
+    deliver, hops = switch.from_peer(B, B, US, frame(MAC_LOCAL, MAC_B))
+    assert deliver and hops == []
+
+
+def test_stp_frames_stay_home() -> None:
+    switch, _ = make()
+    assert switch.from_local(frame(bytes.fromhex("0180c2000000"), MAC_LOCAL)) == []
+
+
+def test_mac_entries_expire_and_moves_are_reported() -> None:
+    table = MacTable(expiry=10)
+    assert table.learn(MAC_B, B, 0.0) is None
+    assert table.lookup(MAC_B, 5.0) == B
+    assert table.learn(MAC_B, C, 6.0) == B
+    assert table.lookup(MAC_B, 17.0) is None
+    assert table.expire(17.0) == 1 and len(table) == 0
+    table.learn(MAC_C, C, 0.0)
+    table.forget_peer(C)
+    assert table.lookup(MAC_C, 0.0) is None
