@@ -21,9 +21,6 @@ DEFAULT_MTU = 1376
 
 # Weave flags whose features arrive with later work; refused with this reason until then.
 NOT_YET = {
-    "--ipalloc-range": "IP address management (ipam_crdt)",
-    "--ipalloc-init": "IP address management (ipam_crdt)",
-    "--ipalloc-default-subnet": "IP address management (ipam_crdt)",
     "--no-bridged-fastdp": "fastdp",
     "--datapath": "fastdp",
     "--plugin": "the Docker plugin",
@@ -67,6 +64,10 @@ class RouterConfig:
     dns_ttl: int = 1
     dns_fallback_timeout: float = 5.0
     resolv_conf: str = "/etc/resolv.conf"
+    ipalloc_range: str = "10.32.0.0/12"  # "" turns IPAM off, as in Weave
+    ipalloc_init: str = "consensus"
+    ipalloc_default_subnet: str = ""
+    fastdp: bool = True
 
 
 class ConfigError(Exception):
@@ -91,10 +92,13 @@ def build_parser(prog: str = "weaver") -> argparse.ArgumentParser:
     p.add_argument("--no-discovery", action="store_true")
     p.add_argument("--http-addr", default=None)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    p.add_argument("--no-fastdp", action="store_true", help="accepted; there is no fastdp yet")
+    p.add_argument("--no-fastdp", action="store_true", help="use the sleeve only (also WEAVE_NO_FASTDP)")
     p.add_argument("--no-restart", action="store_true", help="accepted for compatibility")
     p.add_argument("--mtu", type=int, default=None, help="MTU of the bridge and containers (WEAVE_MTU)")
     p.add_argument("--weave-bridge", default="weave", help="name of the bridge containers attach to")
+    p.add_argument("--ipalloc-range", default="10.32.0.0/12", help='IPAM range; "" turns IPAM off')
+    p.add_argument("--ipalloc-init", default="consensus", help="consensus[=N], seed=PEER,... or observer")
+    p.add_argument("--ipalloc-default-subnet", default="", help="subnet of net:default (default: the range)")
     p.add_argument("--no-dns", action="store_true", help="do not run weaveDNS")
     p.add_argument("--dns-domain", default="weave.local.")
     p.add_argument("--dns-listen-address", default="", help="default 169.254.53.1:53")
@@ -170,6 +174,10 @@ def parse_args(argv: list[str]) -> RouterConfig:
         dns_ttl=args.dns_ttl,
         dns_fallback_timeout=args.dns_fallback_timeout,
         resolv_conf=args.resolv_conf,
+        ipalloc_range=args.ipalloc_range,
+        ipalloc_init=args.ipalloc_init,
+        ipalloc_default_subnet=args.ipalloc_default_subnet,
+        fastdp=not (args.no_fastdp or os.environ.get("WEAVE_NO_FASTDP", "") not in ("", "0")),
     )
 
 

@@ -111,6 +111,7 @@ class Routes:
         self.unicast: Mapping[int, int] = bfs_routes(self._peers, ourself, True)[1]
         self.unicast_all: Mapping[int, int] = bfs_routes(self._peers, ourself, False)[1]
         self._broadcast: dict[tuple[int, bool], list[int]] = {}
+        self._via: dict[tuple[int, int], list[int]] = {}
 
     @classmethod
     def compute(cls, view: TopologyView) -> Routes:
@@ -131,6 +132,16 @@ class Routes:
     def broadcast(self, origin: int) -> list[int]:
         """Where to send a data broadcast from `origin` (established and symmetric links)."""
         return list(self._broadcast_hops(origin, True))
+
+    def broadcast_via(self, hop: int, origin: int) -> list[int]:
+        """Where neighbour `hop` passes on a data broadcast from `origin`: its children in
+        origin's tree (used when the hop itself is reached another way, e.g. the kernel)."""
+        key = (origin, hop)
+        hops = self._via.get(key)
+        if hops is None:
+            hops = broadcast_hops(self._peers, hop, origin, True)
+            self._via[key] = hops
+        return hops
 
     def broadcast_all(self, origin: int) -> list[int]:
         """Where to send a gossip broadcast from `origin` (any link)."""

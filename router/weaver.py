@@ -13,11 +13,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from fastdp.service import FastdpService
 from router.api import build_app
 from router.attach import Attacher, attach_routes
 from router.bridge import DEFAULT_TAP, DriverError, ensure_bridge, ensure_tap
 from router.config import ConfigError, RouterConfig, parse_args
 from router.mesh import Mesh, MeshConfig
+from router.overlay_switch import OverlaySwitch
 from sleeve.datapath import DataPath, open_df_socket, open_udp_socket
 from sleeve.service import SleeveOverlay
 from sleeve.switch import Switch
@@ -42,21 +44,22 @@ def mesh_config(cfg: RouterConfig) -> MeshConfig:
 
 
 async def start_sleeve(cfg: RouterConfig, mesh: Mesh) -> SleeveOverlay:
-    """The bridge, its sleeve TAP port and the UDP sockets; the overlay of the mesh."""
+    """The bridge, its sleeve TAP port and the UDP sockets."""
     await trio.to_thread.run_sync(functools.partial(ensure_bridge, cfg.bridge, cfg.mtu))
     tap = functools.partial(ensure_tap, DEFAULT_TAP, cfg.bridge, cfg.mtu, vnet_hdr=True, nonblocking=True)
     tap_fd = await trio.to_thread.run_sync(tap)
     sock = open_udp_socket(cfg.host, cfg.port)
     switch = Switch(mesh.name, lambda: mesh.routes, time.monotonic)
     datapath = DataPath(mesh.name, tap_fd, True, sock, switch, df_sock=open_df_socket())
-    overlay = SleeveOverlay(mesh, datapath, cfg.port)
-    mesh.overlay = overlay
-    return overlay
+    return SleeveOverlay(mesh, datapath, cfg.port)
 
 
 async def run(cfg: RouterConfig) -> None:
     mesh = Mesh(mesh_config(cfg))
-    overlay = await start_sleeve(cfg, mesh)
+    sleeve = await start_sleeve(cfg, mesh)
+    fastdp = FastdpService(mesh.name, cfg.bridge, cfg.mtu, cfg.port + 1) if cfg.fastdp else None
+    overlay = OverlaySwitch(sleeve, fastdp, "" if cfg.fastdp else "fastdp off (--no-fastdp)")
+    mesh.overlay = overlay
     # Services that gossip register their channels before the mesh makes connections.
     dns = DnsService(
         mesh,
@@ -77,7 +80,10 @@ async def run(cfg: RouterConfig) -> None:
     http.errorlog = logging.getLogger("router.http")
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        await nursery.start(overlay.run)
+        await nursery.start(sleeve.run)
+        if fastdp is not None:
+            await nursery.start(fastdp.run)
+        mesh.config.overlays = overlay.overlays()
         await nursery.start(mesh.run)
         await nursery.start(dns.run)
         await nursery.start(serve, app, http)

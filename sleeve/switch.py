@@ -25,6 +25,8 @@ class RouteTable(Protocol):
 
     def broadcast(self, origin: int) -> list[int]: ...
 
+    def broadcast_via(self, hop: int, origin: int) -> list[int]: ...
+
 
 # (next hop, destination peer) pairs
 Hops = list[tuple[int, int]]
@@ -77,9 +79,30 @@ class Switch:
         self._routes = routes
         self._clock = clock
         self.moved = 0
+        # Neighbours the kernel (fastdp) floods our bridge's broadcasts to by itself.
+        self.kernel_peers: frozenset[int] = frozenset()
 
     def _flood(self, origin: int, exclude: int | None = None) -> Hops:
         return [(hop, hop) for hop in self._routes().broadcast(origin) if hop != exclude]
+
+    def _flood_local(self) -> Hops:
+        """Our own broadcast: to each neighbour in our tree, except that a neighbour the
+        kernel reaches gets nothing from us; its children in the tree get a copy each,
+        addressed to them (relayed, not delivered, on the way), and pass it on."""
+        kernel = self.kernel_peers
+        if not kernel:
+            return self._flood(self.ourself)
+        routes = self._routes()
+        out: Hops = []
+        for hop in routes.broadcast(self.ourself):
+            if hop not in kernel:
+                out.append((hop, hop))
+                continue
+            for child in routes.broadcast_via(hop, self.ourself):
+                via = routes.next_hop(child)
+                if via:
+                    out.append((via, child))
+        return out
 
     def from_local(self, frame: bytes | memoryview) -> Hops:
         """A frame captured from our bridge: the (next hop, destination peer) to send it to."""
@@ -89,10 +112,10 @@ class Switch:
         if dst_mac[0] & 1:
             if dst_mac == STP_MAC:
                 return []
-            return self._flood(self.ourself)
+            return self._flood_local()
         peer = self.macs.lookup(dst_mac, now)
         if peer is None:
-            return self._flood(self.ourself)
+            return self._flood_local()
         if peer == self.ourself:
             return []  # the bridge delivers it; we saw it because the bridge flooded it
         hop = self._routes().next_hop(peer)

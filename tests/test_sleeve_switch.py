@@ -20,6 +20,9 @@ class Routes:
     def broadcast(self, origin: int) -> list[int]:
         return {US: [B, D], B: [D], C: [D], D: [B]}[origin]
 
+    def broadcast_via(self, hop: int, origin: int) -> list[int]:
+        return {(B, US): [C], (D, US): []}[(hop, origin)]
+
 
 def frame(dst: bytes, src: bytes) -> bytes:
     return dst + src + b"\x08\x00" + bytes(46)
@@ -91,3 +94,12 @@ def test_mac_entries_expire_and_moves_are_reported() -> None:
     table.learn(MAC_C, C, 0.0)
     table.forget_peer(C)
     assert table.lookup(MAC_C, 0.0) is None
+
+
+def test_kernel_reached_neighbours_get_no_sleeve_copy_but_their_children_do() -> None:
+    switch, _ = make()
+    switch.kernel_peers = frozenset({B, D})
+    # B is reached by the kernel; C (B's child in our tree) gets a copy addressed to it, via B.
+    assert switch.from_local(frame(BCAST, MAC_LOCAL)) == [(B, C)]
+    switch.kernel_peers = frozenset({D})
+    assert switch.from_local(frame(BCAST, MAC_LOCAL)) == [(B, B)]
