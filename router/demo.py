@@ -49,7 +49,7 @@ def _containers(hosts: list[Host]) -> None:
     print(_weave(last, "ps"), end="")
     first = containers[0]
     for i, host in enumerate(hosts[1:], start=2):
-        _say(f"web1 ({hosts[0].name}) pings web{i} on {host.name} at 10.32.0.{i}, over the sleeve")
+        _say(f"web1 ({hosts[0].name}) pings web{i} on {host.name} at 10.32.0.{i}")
         result = first.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", f"10.32.0.{i}"], check=False)
         _show(line for line in result.stdout.splitlines() if "packet" in line or "bytes from" in line)
     asker = f"web{len(hosts)}"
@@ -59,6 +59,44 @@ def _containers(hosts: list[Host]) -> None:
     result = containers[-1].run(["ping", "-c", "1", "-W", "2", "web1"], check=False)
     answer = result.stdout.splitlines()[1] if result.returncode == 0 else result.stderr.strip()
     _show([f"{asker}$ ping -c 1 web1", answer])
+
+
+def _link_line(host: Host, peer: Host) -> str:
+    for line in _weave(host, "status", "connections", check=False).splitlines():
+        if f"({peer.name})" in line:
+            return " ".join(line.split())
+    return f"(no connection to {peer.name})"
+
+
+def _wait_link(host: Host, peer: Host, word: str, limit: float) -> float | None:
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        if f" {word} " in _link_line(host, peer) + " ":
+            return time.monotonic() - started
+        time.sleep(0.1)
+    return None
+
+
+def _fallback(testbed: Testbed, hosts: list[Host]) -> None:
+    """Block the kernel path between two hosts: traffic moves to the sleeve, then back."""
+    a, b = hosts[0], hosts[1]
+    if _wait_link(a, b, "fastdp", 5) is None:
+        _say(f"the {a.name}-{b.name} link is not on fastdp ({_link_line(a, b)}); skipping the fallback")
+        return
+    _say(f"{a.name}<->{b.name} runs on fastdp (kernel VXLAN):")
+    _show([_link_line(a, b)])
+    _say(f"blocking UDP 6784 (VXLAN) between {a.name} and {b.name} on the underlay switch")
+    testbed.block(a, b, "udp", 6784)
+    took = _wait_link(a, b, "sleeve", 10)
+    _show([_link_line(a, b), f"fell back to the sleeve after {took:.1f} s" if took else "no fallback seen"])
+    c = a.add_container("probe")
+    _weave(a, "attach", "10.32.0.100/12", c.netns)
+    result = c.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.32.0.2"], check=False)
+    _show(line for line in result.stdout.splitlines() if "packet" in line)
+    _say("unblocking: the health checks pass again and traffic returns to the kernel")
+    testbed.unblock(a, b, "udp", 6784)
+    took = _wait_link(a, b, "fastdp", 15)
+    _show([_link_line(a, b), f"back on fastdp after {took:.1f} s" if took else "still on the sleeve"])
 
 
 def _show(lines: Iterable[str]) -> None:
@@ -115,6 +153,8 @@ def main(argv: list[str]) -> int:
         _say(f"{first.name}$ weave status peers")
         print(_weave(first, "status", "peers"), end="")
         _containers(hosts)
+        if len(hosts) >= 2:
+            _fallback(testbed, hosts)
         if opts.keep:
             _say("left running (--keep). Try for example:")
             print(f"    ip netns exec {first.netns} env WEAVE_STATE_DIR={first.state_dir} weave status")

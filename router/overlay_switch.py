@@ -118,7 +118,8 @@ class OverlaySwitch:
             self._lost_at.pop(peer, None)
             log.info("overlay: %s on fastdp", who)
         elif peer in self.sleeve_kernel_peers():
-            self._lost_at[peer] = time.monotonic()
+            # last_failover: from the last heartbeat that got through to the switch-over.
+            self._lost_at[peer] = time.monotonic() - (state.last_failover or 0.0)
             log.info("overlay: %s back on sleeve: %s", who, state.reason)
         self._set_kernel(peer, state.healthy)
 
