@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ipam_crdt.http import ipam_routes
 from router import status
 from router.mesh import Mesh
 from weavedns.http import dns_routes
@@ -152,10 +153,11 @@ def build_app(
 
     def summary(rep: dict[str, Any]) -> str:
         text = status.status_text(rep)
-        for service in (ipam, dns):
-            lines = service.status_summary() if service is not None else []
-            if lines:
-                text += "\n" + "".join(f"{k:>15}: {v}\n" for k, v in lines)
+        if ipam is not None:
+            text += "\n" + ipam.status_section()
+        lines = dns.status_summary() if dns is not None else []
+        if lines:
+            text += "\n" + "".join(f"{k:>15}: {v}\n" for k, v in lines)
         return text
 
     def service_lines(service: Any) -> Callable[[dict[str, Any]], str]:
@@ -170,7 +172,6 @@ def build_app(
             "connections": status.connections_text,
             "targets": status.targets_text,
             "dns": service_lines(dns),
-            "ipam": service_lines(ipam),
         }.get(sub)
         if render is None:
             return PlainTextResponse(f"unknown status section {sub!r}\n", status_code=404)
@@ -205,6 +206,8 @@ def build_app(
 
     return Starlette(
         routes=[
+            # IPAM's own /status/ipam must match before /status/{sub}.
+            *(ipam_routes(ipam) if ipam is not None else []),
             Route("/status", get_status),
             Route("/status/{sub}", get_status),
             Route("/report", get_report),

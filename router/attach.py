@@ -71,6 +71,34 @@ def parse_address(text: str) -> AddressSpec:
         raise AttachError(f"{text!r} is not a valid address: {exc}") from None
 
 
+class IpamAllocator:
+    """The IPAM service as attach uses it: container idents, CIDR specs."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    async def allocate_for(self, ident: str, spec: str) -> ipaddress.IPv4Interface:
+        from ipam_crdt.service import IpamServiceError
+
+        kind, _, value = spec.partition(":")
+        try:
+            if kind == "ip":
+                await self.service.claim(ident, value)
+                return ipaddress.IPv4Interface(value)
+            subnet = None if value == "default" else value
+            return ipaddress.IPv4Interface(str(await self.service.allocate(ident, subnet)))
+        except IpamServiceError as exc:
+            raise AttachError(f"{spec}: {exc}", exc.status_code) from None
+
+    async def release(self, ident: str, address: ipaddress.IPv4Interface | None) -> None:
+        from ipam_crdt.service import IpamServiceError
+
+        try:
+            await self.service.free(ident, str(address.ip) if address is not None else None)
+        except IpamServiceError as exc:
+            log.info("release of %s for %s: %s", address, ident, exc)
+
+
 class Attacher:
     def __init__(
         self,

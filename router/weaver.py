@@ -14,8 +14,9 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from fastdp.service import FastdpService
+from ipam_crdt.service import IpamConfigError, IpamService, IpamSettings
 from router.api import build_app
-from router.attach import Attacher, attach_routes
+from router.attach import Attacher, IpamAllocator, attach_routes
 from router.bridge import DEFAULT_TAP, DriverError, ensure_bridge, ensure_tap
 from router.config import ConfigError, RouterConfig, parse_args
 from router.mesh import Mesh, MeshConfig
@@ -72,8 +73,18 @@ async def run(cfg: RouterConfig) -> None:
         bridge=cfg.bridge,
         fallback_timeout=cfg.dns_fallback_timeout,
     )
-    attacher = Attacher(cfg.bridge, cfg.mtu, dns=dns if cfg.dns else None, dns_domain=cfg.dns_domain)
-    app = build_app(mesh, dns=dns, routes=attach_routes(attacher))
+    ipam = None
+    if cfg.ipalloc_range:  # "" turns IPAM off, as in Weave
+        settings = IpamSettings(cfg.ipalloc_range, cfg.ipalloc_init, cfg.ipalloc_default_subnet or None)
+        ipam = IpamService(mesh, settings, cfg.state_dir)
+    attacher = Attacher(
+        cfg.bridge,
+        cfg.mtu,
+        dns=dns if cfg.dns else None,
+        ipam=IpamAllocator(ipam) if ipam is not None else None,
+        dns_domain=cfg.dns_domain,
+    )
+    app = build_app(mesh, dns=dns, ipam=ipam, routes=attach_routes(attacher))
     http = HypercornConfig()
     http.bind = [cfg.http_addr]
     http.accesslog = None
@@ -84,6 +95,8 @@ async def run(cfg: RouterConfig) -> None:
         if fastdp is not None:
             await nursery.start(fastdp.run)
         mesh.config.overlays = overlay.overlays()
+        if ipam is not None:
+            await nursery.start(ipam.run)
         await nursery.start(mesh.run)
         await nursery.start(dns.run)
         await nursery.start(serve, app, http)
@@ -111,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     (cfg.state_dir / "weaver.ready").unlink(missing_ok=True)
     try:
         trio.run(run, cfg)
+    except IpamConfigError as exc:
+        log.error("cannot start: %s", exc)
+        print(f"weaver: {exc}", file=sys.stderr)
+        return 2
     except (OSError, DriverError) as exc:
         log.error("cannot start: %s", exc)
         print(f"weaver: cannot start: {exc}", file=sys.stderr)
