@@ -140,6 +140,18 @@ def cmd_launch(args: list[str]) -> int:
     raise CliError(f"weave launch: the router did not answer within {LAUNCH_TIMEOUT:.0f} s; see {log_path}")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        # A zombie (exited, not yet reaped by whoever adopted the forked daemon) is gone.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def cmd_stop(_: list[str]) -> int:
     pid = _running_pid()
     if pid is None:
@@ -148,9 +160,7 @@ def cmd_stop(_: list[str]) -> int:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             break
         time.sleep(0.05)
     else:
@@ -160,12 +170,62 @@ def cmd_stop(_: list[str]) -> int:
     return 0
 
 
+STATE_FILES = ("peername", "weaver.log", "weaver.ready", "ipam.sqlite3", "dns-entries.json")
+
+
 def cmd_reset(args: list[str]) -> int:
+    """Hand our IP space to a live peer, stop, and remove the state and the kernel objects."""
+    bridge = "weave"
+    if _running_pid() is not None:
+        try:
+            _request("DELETE", "/peer", timeout=10)
+        except CliError as exc:
+            print(f"weave reset: could not hand over IP space: {exc}", file=sys.stderr)
+        try:
+            bridge = json.loads(_request("GET", "/report", timeout=5)).get("Bridge", bridge)
+        except (CliError, ValueError):
+            pass
     cmd_stop(args)
     directory = state_dir()
-    for item in ("peername", "weaver.log", "weaver.ready"):
-        (directory / item).unlink(missing_ok=True)
-    print(f"weave reset: removed the router's state in {directory}")
+    for item in STATE_FILES:
+        for path in directory.glob(item + "*"):
+            path.unlink(missing_ok=True)
+    from router.bridge import teardown
+    from router.expose import remove_nat
+    from weavedns.service import HostDnsSetup, remove_host_setup
+
+    try:
+        remove_host_setup(HostDnsSetup(bridge=bridge))
+        remove_nat()
+        removed = teardown(bridge)
+    except Exception as exc:  # best effort: the state is gone either way
+        print(f"weave reset: could not remove every kernel object: {exc}", file=sys.stderr)
+        removed = []
+    also = f" and {', '.join(removed)}" if removed else ""
+    print(f"weave reset: removed the router's state in {directory}{also}")
+    return 0
+
+
+def cmd_expose(args: list[str]) -> int:
+    print(_request("POST", "/expose", [("addr", a) for a in args], timeout=60), end="")
+    return 0
+
+
+def cmd_hide(args: list[str]) -> int:
+    print(_request("POST", "/hide", [("addr", a) for a in args]), end="")
+    return 0
+
+
+def cmd_prime(_: list[str]) -> int:
+    _request("GET", "/ring", timeout=130)
+    return 0
+
+
+def cmd_rmpeer(args: list[str]) -> int:
+    if not args:
+        raise CliError("usage: weave rmpeer PEER... (a peer name or nickname)", 2)
+    for peer in args:
+        print(_request("DELETE", f"/peer/{urllib.parse.quote(peer)}"), end="")
     return 0
 
 
@@ -350,25 +410,32 @@ COMMANDS = {
     "dns-add": cmd_dns_add,
     "dns-remove": cmd_dns_remove,
     "dns-lookup": cmd_dns_lookup,
+    "expose": cmd_expose,
+    "hide": cmd_hide,
+    "prime": cmd_prime,
+    "rmpeer": cmd_rmpeer,
 }
 
 USAGE = """usage: weave <command> [args]
 
   launch [flags] [peer ...]   start the router daemon (flags as in Weave: --password, --name, ...)
   stop                        stop the router
-  reset                       stop the router and remove its state
+  reset                       hand IP space to a live peer, stop, remove state and kernel objects
   status [peers|connections|targets|dns|ipam]
   report [-f FORMAT]          the JSON report, or FORMAT (a Go-template subset) applied to it
   connect [--replace] peer... add connection targets
   forget peer...              remove connection targets
   attach [--without-dns] [-h NAME] [ADDR...] CONTAINER
                               plug a container (a netns name, PID or netns path) into the network;
-                              ADDR is CIDR or ip:CIDR
+                              ADDR is CIDR, ip:CIDR, net:CIDR or net:default (the default, by IPAM)
   detach [ADDR...] CONTAINER  unplug it (or remove just these addresses)
   ps [CONTAINER...]           attached containers: name, MAC, addresses
   dns-add [IP...] CONTAINER -h FQDN
   dns-remove [IP...] CONTAINER [-h FQDN]
   dns-lookup NAME             ask weaveDNS
+  expose [ADDR...]            give the host an address on the network, with NAT (hide undoes it)
+  prime                       wait until IPAM is ready
+  rmpeer PEER...              take over the IP space of a dead peer
   version
   demo [--keep]               simulated hosts in network namespaces, meshed, shown, cleaned up
 

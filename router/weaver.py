@@ -19,6 +19,7 @@ from router.api import build_app
 from router.attach import Attacher, IpamAllocator, attach_routes
 from router.bridge import DEFAULT_TAP, DriverError, ensure_bridge, ensure_tap
 from router.config import ConfigError, RouterConfig, parse_args
+from router.expose import Exposer, expose_routes
 from router.mesh import Mesh, MeshConfig
 from router.overlay_switch import OverlaySwitch
 from sleeve.datapath import DataPath, open_df_socket, open_udp_socket
@@ -84,7 +85,8 @@ async def run(cfg: RouterConfig) -> None:
         ipam=IpamAllocator(ipam) if ipam is not None else None,
         dns_domain=cfg.dns_domain,
     )
-    app = build_app(mesh, dns=dns, ipam=ipam, routes=attach_routes(attacher))
+    exposer = Exposer(cfg.bridge, attacher.ipam)
+    app = build_app(mesh, dns=dns, ipam=ipam, routes=[*attach_routes(attacher), *expose_routes(exposer)])
     http = HypercornConfig()
     http.bind = [cfg.http_addr]
     http.accesslog = None
