@@ -114,6 +114,9 @@ class Attacher:
         self.ipam = ipam
         self.dns_domain = dns_domain
         self._lock = trio.Lock()  # one attach/detach at a time: they read-modify the kernel
+        # Attached containers: container -> its host veth, watched to notice containers
+        # that die without a detach (their namespace deleted takes the veth with it).
+        self._live: dict[str, str] = {}
 
     async def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -152,6 +155,7 @@ class Attacher:
                 raise
             if self.dns is not None and with_dns:
                 await self._dns_setup(ns, result, hostname)
+        self._live[ns.container] = result.host_ifname
         log.info("attached %s: %s", ns.container, ", ".join(str(a) for a in result.addresses))
         return result
 
@@ -186,6 +190,8 @@ class Attacher:
         ns = await self._run(containers.resolve, container)
         async with self._lock:
             result = await self._run(containers.detach, ns.path, cidrs)
+        if result.link_removed:
+            self._live.pop(ns.container, None)
         if self.ipam is not None:
             for address in result.addresses:
                 await self.ipam.release(ns.container, address)
@@ -202,8 +208,48 @@ class Attacher:
         log.info("detached %s: %s", ns.container, ", ".join(str(a) for a in result.addresses) or "nothing")
         return result
 
+    async def watch(
+        self, interval: float = 1.0, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Notice containers that went away without a detach: free their addresses and names."""
+        try:
+            for att in await self.ps():
+                self._live[att.container] = att.host_ifname
+        except DriverError as exc:
+            log.warning("cannot list attached containers: %s", exc)
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            if not self._live:
+                continue
+            links = await trio.to_thread.run_sync(_link_names)
+            for container, veth in list(self._live.items()):
+                if veth not in links:
+                    async with self._lock:
+                        if self._live.get(container) == veth:
+                            del self._live[container]
+                            await self._died(container)
+
+    async def _died(self, container: str) -> None:
+        log.info("container %s is gone (its interface went away): releasing addresses and names", container)
+        if self.ipam is not None:
+            await self.ipam.release(container, None)
+        if self.dns is not None:
+            self.dns.container_died(container)
+            if "/" not in container:
+                from weavedns.service import remove_netns_resolv_conf
+
+                remove_netns_resolv_conf(container)
+
     async def ps(self) -> list[containers.Attachment]:
         return await trio.to_thread.run_sync(functools.partial(containers.list_attached, self.bridge))
+
+
+def _link_names() -> set[str]:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
 
 
 def _apply_dns_routes(config: Any) -> None:

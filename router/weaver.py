@@ -101,6 +101,7 @@ async def run(cfg: RouterConfig) -> None:
             await nursery.start(ipam.run)
         await nursery.start(mesh.run)
         await nursery.start(dns.run)
+        await nursery.start(attacher.watch)
         await nursery.start(serve, app, http)
         (cfg.state_dir / "weaver.ready").write_text(str(os.getpid()))
         log.info("weaver ready: API on http://%s", cfg.http_addr)
