@@ -105,6 +105,7 @@ def sleeve_metrics(stats: dict[str, int]):  # type: ignore[no-untyped-def]
         ("frag_needed", "ICMP 'fragmentation needed' replies synthesised for DF frames over the MTU."),
         ("segmented", "TCP super-frames segmented in userspace for a peer that takes MTU-sized frames."),
         ("send_errors", "Sends that failed."),
+        ("inject_errors", "Frames that could not be written to the bridge's TAP."),
     ):
         yield CounterMetricFamily(f"pyweave_sleeve_{key}", help_text, value=stats.get(key, 0))
 

@@ -45,17 +45,18 @@ def _pid_file() -> Path:
 
 
 def _running_pid() -> int | None:
+    """The daemon's pid, if it runs: not a zombie, and not a reused pid of another program."""
     try:
         pid = int(_pid_file().read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not _alive(pid):
         return None
-    except PermissionError:
-        return pid
-    return pid
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"weave" in cmdline else None
 
 
 def _spawn_weaver(args: list[str], log_path: Path) -> int:

@@ -40,7 +40,10 @@ class MacTable:
         self._macs: dict[bytes, tuple[int, float]] = {}
 
     def learn(self, mac: bytes, peer: int, now: float) -> int | None:
-        """Record `mac` at `peer`; returns the peer it moved from, if it moved."""
+        """Record `mac` at `peer`; returns the peer it moved from, if it moved. A group
+        address is never a source, so it is not learnt."""
+        if mac[0] & 1:
+            return None
         old = self._macs.get(mac)
         self._macs[mac] = (peer, now)
         if old is not None and old[0] != peer and now - old[1] <= self.expiry:

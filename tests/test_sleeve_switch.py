@@ -103,3 +103,9 @@ def test_kernel_reached_neighbours_get_no_sleeve_copy_but_their_children_do() ->
     assert switch.from_local(frame(BCAST, MAC_LOCAL)) == [(B, C)]
     switch.kernel_peers = frozenset({D})
     assert switch.from_local(frame(BCAST, MAC_LOCAL)) == [(B, B)]
+
+
+def test_group_source_addresses_are_not_learnt() -> None:
+    table = MacTable()
+    assert table.learn(BCAST, B, 0.0) is None
+    assert table.lookup(BCAST, 0.0) is None and len(table) == 0
