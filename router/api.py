@@ -104,6 +104,7 @@ def sleeve_metrics(stats: dict[str, int]):  # type: ignore[no-untyped-def]
         ("datagrams_received", "UDP datagrams the sleeve accepted."),
         ("frag_needed", "ICMP 'fragmentation needed' replies synthesised for DF frames over the MTU."),
         ("segmented", "TCP super-frames segmented in userspace for a peer that takes MTU-sized frames."),
+        ("chunked", "Sleeve datagrams larger than the path, sent as chunks (UDP GSO) to pyweave peers."),
         ("send_errors", "Sends that failed."),
         ("inject_errors", "Frames that could not be written to the bridge's TAP."),
     ):

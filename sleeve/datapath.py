@@ -16,6 +16,7 @@ ordinary frames: segmented, checksums completed, within the link's MTU.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import select
@@ -37,13 +38,14 @@ from router.bridge import (
     segment_superframe,
 )
 from router.errors import WireError
+from sleeve import chunks
 from sleeve.crypto import PacketDropped, SleeveCipher
 from sleeve.ipfrag import dont_fragment, frag_needed_reply, fragment_frame, is_ipv4
 from sleeve.switch import Switch
 from sleeve.wire import (
     ENCRYPTED_PACKET_OVERHEAD,
     FRAME_HEADER_SIZE,
-    MAX_UDP_PAYLOAD,
+    MAX_FRAME_LEN,
     PLAIN_PACKET_OVERHEAD,
     SPECIAL_HEADER,
     decode_frames,
@@ -57,12 +59,18 @@ log = logging.getLogger(__name__)
 POLL_MS = 200
 BURST = 64  # reads per wake-up before sending what was gathered
 UDP_READ_SIZE = 65536
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _VNET = struct.Struct("=BBHHHH")
 # linux/in.h (Python 3.11's socket module lacks them)
 IP_MTU_DISCOVER = 10
 IP_MTU = 14
 IP_PMTUDISC_DONT = 0
 IP_PMTUDISC_PROBE = 3
+# linux/udp.h
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_BATCH = 40  # chunks per UDP GSO send: keeps each call under 64 KB
 
 # (src peer, dst peer, vnet header or b"", Ethernet frame)
 Out = tuple[int, int, bytes, bytes | memoryview]
@@ -114,6 +122,9 @@ class DataPath:
         self._name = peer_name_bytes(ourself)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._message_ids = itertools.count(1)
+        self._reassembler = chunks.Reassembler()
+        self._gso = True  # until the kernel refuses UDP_SEGMENT
 
     # -- lifecycle
 
@@ -182,9 +193,8 @@ class DataPath:
             segment = hdr_len + gso_size
             if segment - 14 > link.mtu and self._refuse(link, frame):
                 return []
-            if link.vnet and len(frame) + VNET_HDR_LEN + FRAME_HEADER_SIZE + 30 <= MAX_UDP_PAYLOAD:
-                if link.frag_ok or len(frame) + VNET_HDR_LEN <= link.mtu + 14:
-                    return [(src, dst, (hdr, frame))]
+            if link.vnet and len(frame) + VNET_HDR_LEN <= MAX_FRAME_LEN:
+                return [(src, dst, (hdr, frame))]  # cut into chunks on the way if need be
             try:
                 pieces = segment_superframe(frame, VnetHeader(*_VNET.unpack_from(hdr)), link.mtu)
             except FrameError as exc:
@@ -235,16 +245,42 @@ class DataPath:
         cipher = link.cipher
         try:
             if cipher is None:
-                sock.sendmsg([self._name, *buffers], (), 0, link.address)
+                size = len(self._name) + sum(len(b) for b in buffers)
+                if link.vnet and size > link.max_payload:
+                    self._send_chunked(link, b"".join([self._name, *buffers]), sock)
+                else:
+                    sock.sendmsg([self._name, *buffers], (), 0, link.address)
             else:
                 with link.lock:
                     datagram = cipher.seal(b"".join(buffers), False)
-                sock.sendto(datagram, link.address)
+                if link.vnet and len(datagram) > link.max_payload:
+                    self._send_chunked(link, datagram, sock)
+                else:
+                    sock.sendto(datagram, link.address)
             self.stats["datagrams_sent"] += 1
         except OSError as exc:
             self.stats["send_errors"] += 1
             if exc.errno not in (errno.ENOBUFS, errno.EAGAIN, errno.ECONNREFUSED, errno.EHOSTUNREACH):
                 log.debug("sleeve: send to %s failed: %s", link.address, exc)
+
+    def _send_chunked(self, link: Link, datagram: bytes, sock: socket.socket) -> None:
+        assert link.address is not None
+        segment = link.max_payload
+        pieces = chunks.split(datagram, self._name, next(self._message_ids), segment)
+        self.stats["chunked"] += 1
+        for start in range(0, len(pieces), GSO_BATCH):
+            batch = pieces[start : start + GSO_BATCH]
+            if self._gso and len(batch) > 1:
+                try:
+                    sock.sendmsg(batch, [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment))], 0, link.address)
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                        raise
+                    self._gso = False
+                    log.info("sleeve: the kernel refuses UDP GSO (%s); sending chunks one by one", exc)
+            for piece in batch:
+                sock.sendto(piece, link.address)
 
     def _inject(self, hdr: bytes, frame: bytes | memoryview) -> None:
         try:
@@ -301,20 +337,53 @@ class DataPath:
             out: dict[int, list[Out]] = {}
             for _ in range(BURST):
                 try:
-                    data, address = self.sock.recvfrom(UDP_READ_SIZE, socket.MSG_DONTWAIT)
+                    data, ancillary, _, address = self.sock.recvmsg(
+                        UDP_READ_SIZE, _GRO_CMSG_SPACE, socket.MSG_DONTWAIT
+                    )
                 except BlockingIOError:
                     break
                 except OSError as exc:
                     if exc.errno == errno.EBADF:
                         return
                     continue  # ICMP errors reported on the socket (e.g. port unreachable)
-                self._receive(data, address, out)
+                segment = 0
+                for level, kind, value in ancillary:
+                    if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+                        segment = struct.unpack_from("=i", value)[0]
+                if 0 < segment < len(data):
+                    # GRO handed us several datagrams of one flow at once.
+                    view = memoryview(data)
+                    for start in range(0, len(data), segment):
+                        self._datagram(bytes(view[start : start + segment]), address, out)
+                else:
+                    self._datagram(data, address, out)
             for hop, frames in out.items():
                 link = self.links.get(hop)
                 if link is None or not link.established:
                     self.stats["no_link_drops"] += len(frames)
                     continue
                 self._send(link, frames)
+
+    def _datagram(self, data: bytes, address: tuple[str, int], out: dict[int, list[Out]]) -> None:
+        if chunks.is_chunk(data) and self._vnet_sender(data):
+            try:
+                whole = self._reassembler.add(data, time.monotonic())
+            except WireError:
+                self.stats["malformed"] += 1
+                return
+            if whole is None:
+                if len(self._reassembler) > chunks.MAX_PENDING // 2:
+                    self._reassembler.expire(time.monotonic())
+                return
+            data = whole
+        self._receive(data, address, out)
+
+    def _vnet_sender(self, data: bytes) -> bool:
+        try:
+            link = self.links.get(packet_sender(data))
+        except WireError:
+            return False
+        return link is not None and link.vnet
 
     def _receive(self, data: bytes, address: tuple[str, int], out: dict[int, list[Out]]) -> None:
         try:
@@ -371,6 +440,10 @@ def open_udp_socket(host: str, port: int) -> socket.socket:
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
         sock.bind((host, port))
+        try:
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            log.info("sleeve: no UDP GRO on this kernel")
     except OSError:
         sock.close()
         raise
