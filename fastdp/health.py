@@ -53,9 +53,9 @@ class LinkState(enum.Enum):
 @dataclass(frozen=True)
 class HealthConfig:
     confirm_interval: float = 0.1
-    healthy_interval: float = 0.25
+    healthy_interval: float = 0.15
     unhealthy_interval: float = 0.5
-    timeout: float = 2.0
+    timeout: float = 0.9
     confirm_timeout: float = 5.0
     recovery_rounds: int = 5
     max_recovery_rounds: int = 16

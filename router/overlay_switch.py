@@ -121,6 +121,8 @@ class OverlaySwitch:
             # last_failover: from the last heartbeat that got through to the switch-over.
             self._lost_at[peer] = time.monotonic() - (state.last_failover or 0.0)
             log.info("overlay: %s back on sleeve: %s", who, state.reason)
+            # Lost heartbeats may mean large frames are dropped: the sleeve checks its MTU.
+            self.sleeve.reverify_mtu(peer)
         self._set_kernel(peer, state.healthy)
 
     def sleeve_kernel_peers(self) -> frozenset[int]:

@@ -36,6 +36,8 @@ HEARTBEAT_TIMEOUT = 60.0
 FRAG_TEST_INTERVAL = 300.0
 PMTU_FIRST_WAIT = 0.01  # doubled per attempt
 PMTU_ATTEMPTS = 8
+# A silent drop on the path (no ICMP) is only found by probing again.
+PMTU_RECHECK_INTERVAL = 60.0
 # Frame sizes (overlay MTU) PMTU verification searches between.
 LOWEST_GOOD_MTU = 552 - 28 - 6 - 14  # Weave's lowest known-good path MTU, as an overlay MTU
 DEFAULT_UNDERLAY_MTU = 1500
@@ -125,6 +127,7 @@ class SleeveLink:
         self._bad: int | None = None
         self._probe_attempt = 0
         self._probe_deadline = float("inf")
+        self._next_recheck = float("inf")
 
     # -- events
 
@@ -202,14 +205,31 @@ class SleeveLink:
         if self.established and now >= self._next_frag_test:
             actions.append(SendFrame(fragmentation_test_frame(), df=False))
             self._next_frag_test = now + FRAG_TEST_INTERVAL
-        if self.pmtu_state is PmtuState.VERIFYING and now >= self._probe_deadline:
+        if self.pmtu_state is PmtuState.DONE and now >= self._next_recheck:
+            actions += self.reverify(now)
+        elif self.pmtu_state is PmtuState.VERIFYING and now >= self._probe_deadline:
             actions += self._probe(now)
         return actions
+
+    def reverify(self, now: float) -> list[Action]:
+        """Check again that frames of the current MTU get through (the path may have
+        shrunk without telling anyone); search below it if they don't."""
+        if not self.established or self.failed:
+            return []
+        self._good = LOWEST_GOOD_MTU
+        self._bad = None
+        self._candidate = self.mtu
+        self.pmtu_state = PmtuState.VERIFYING
+        self._probe_attempt = 0
+        self._probe_deadline = now
+        return self._probe(now)
 
     def next_deadline(self) -> float:
         deadlines = [self.last_heard + HEARTBEAT_TIMEOUT, self._next_heartbeat, self._next_frag_test]
         if self.pmtu_state is PmtuState.VERIFYING:
             deadlines.append(self._probe_deadline)
+        elif self.pmtu_state is PmtuState.DONE:
+            deadlines.append(self._next_recheck)
         return min(deadlines)
 
     # -- PMTU verification
@@ -233,15 +253,16 @@ class SleeveLink:
     def _next_candidate(self, now: float) -> list[Action]:
         high = (self._bad - 1) if self._bad is not None else self._good
         if high <= self._good:
-            return self._settle(self._good)
+            return self._settle(self._good, now)
         self._candidate = (self._good + high + 1) // 2 if self._bad is not None else high
         self._probe_attempt = 0
         self._probe_deadline = now
         return self._probe(now)
 
-    def _settle(self, mtu: int) -> list[Action]:
+    def _settle(self, mtu: int, now: float) -> list[Action]:
         self.pmtu_state = PmtuState.DONE
         self._probe_deadline = float("inf")
+        self._next_recheck = now + PMTU_RECHECK_INTERVAL
         if mtu == self.mtu:
             return []
         log.info("sleeve: overlay MTU %d (was %d)", mtu, self.mtu)

@@ -100,6 +100,13 @@ class SleeveOverlay:
             return None
         return OverlayStatus(OVERLAY_NAME, entry.link.cipher is not None, entry.ctl.mtu)
 
+    def reverify_mtu(self, remote: int) -> None:
+        """Probe the path MTU again (e.g. fastdp just lost full-size heartbeats to it)."""
+        entry = self._conns.get(remote)
+        if entry is not None:
+            self._perform(remote, entry.ctl.reverify(self._clock()))
+            self._wake.set()
+
     def datapath_stats(self) -> dict[str, int]:
         return dict(self.datapath.stats)
 

@@ -140,7 +140,8 @@ def test_declared_unhealthy_within_3s_of_a_break(directions: str) -> None:
     sim.run_until(10.0)
     for who in "ab":
         t = sim.first(who, LinkState.UNHEALTHY)
-        assert 1.5 <= t - 5.0 < 3.0, (who, t)
+        # After the timeout (0.9 s), and well inside the 3 s the issue allows.
+        assert 0.7 <= t - 5.0 < 1.5, (who, t)
         reason = sim.transitions(who)[-1].reason
         assert reason.startswith("heartbeats lost") and "s ago" in reason
     # While unhealthy the peer keeps probing, at the slower rate.
@@ -170,8 +171,8 @@ def test_mtu_too_small_fails_full_size_heartbeats_only() -> None:
 
     sim = Sim(path=path)
     sim.run_until(8.0)
-    assert 1.5 <= sim.first("a", LinkState.UNHEALTHY) - 3.0 < 3.0
-    assert 1.5 <= sim.first("b", LinkState.UNHEALTHY) - 3.0 < 3.0
+    assert 0.7 <= sim.first("a", LinkState.UNHEALTHY) - 3.0 < 1.5
+    assert 0.7 <= sim.first("b", LinkState.UNHEALTHY) - 3.0 < 1.5
 
 
 def test_send_error_is_reported_in_the_reason() -> None:
@@ -207,7 +208,7 @@ def test_healthy_again_within_10s_with_hysteresis() -> None:
 
 def test_short_blips_do_not_flip_the_link() -> None:
     def path(now: float, direction: str, size: int) -> bool:
-        return now < 2.0 or (now % 2.5) < 1.5  # down 1 s of every 2.5 s
+        return now < 2.0 or (now % 2.5) < 1.9  # down 0.6 s of every 2.5 s
 
     sim = Sim(path=path)
     sim.run_until(30.0)
@@ -281,7 +282,7 @@ def test_acks_and_heartbeats_bookkeeping() -> None:
 
 def test_config_validation() -> None:
     with pytest.raises(ValueError):
-        HealthConfig(timeout=0.3)
+        HealthConfig(timeout=0.2)
     with pytest.raises(ValueError):
         HealthConfig(healthy_interval=0)
     with pytest.raises(ValueError):

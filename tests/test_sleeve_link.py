@@ -127,3 +127,20 @@ def test_emsgsize_restarts_the_search_below_the_kernels_mtu() -> None:
     actions = link.path_mtu(1400, now=30.0)
     probes = frames(actions, SpecialFrame.PMTU_PROBE)
     assert probes and probe_mtu(probes[0].frame) == 1338
+
+
+def test_verified_mtu_is_rechecked_and_a_shrunk_path_found() -> None:
+    link = SleeveLink(UID, True, ADDR, False, now=0.0)
+    run_pmtu(link, 1438)
+    assert link.pmtu_state is PmtuState.DONE and link.next_deadline() <= 1.0 + 61
+    # The path shrinks silently; the periodic check (or reverify) finds it.
+    out = link.reverify(now=20.0)
+    assert probe_mtu(frames(out, SpecialFrame.PMTU_PROBE)[0].frame) == 1438
+    now = 20.0
+    while link.pmtu_state is PmtuState.VERIFYING and now < 200:
+        now += 0.005
+        for probe in frames(link.tick(now), SpecialFrame.PMTU_PROBE):
+            if probe_mtu(probe.frame) <= 1300:
+                link.control(Tag.PMTU_VERIFIED, struct.pack(">H", probe_mtu(probe.frame)), now)
+        link.last_heard = now  # heartbeats keep flowing
+    assert link.mtu == 1300
