@@ -36,6 +36,7 @@ echo it unchanged, so round-trip times need no per-sequence state.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from collections import deque
@@ -61,6 +62,11 @@ class HealthConfig:
     max_recovery_rounds: int = 16
     flap_window: float = 60.0
     heartbeat_size: int = 1390  # inner frame bytes: overlay MTU 1376 + 14
+    # Heartbeats per second a router sends to all its peers together while they are
+    # healthy. Past it (many peers) intervals and the timeout stretch, the timeout
+    # staying within max_timeout, so that detection stays under the 3 s promised.
+    budget: float = 60.0
+    max_timeout: float = 2.7
 
     def __post_init__(self) -> None:
         if min(self.confirm_interval, self.healthy_interval, self.unhealthy_interval) <= 0:
@@ -289,7 +295,8 @@ class HealthMonitor:
     """
 
     def __init__(self, config: HealthConfig | None = None) -> None:
-        self.config = config or HealthConfig()
+        self.base = config or HealthConfig()
+        self.config = self.base
         self.links: dict[int, PeerHealth] = {}
         self.ignored = 0
 
@@ -298,10 +305,31 @@ class HealthMonitor:
         link = self.links.get(peer)
         if link is None or link.conn_uid != conn_uid:
             link = self.links[peer] = PeerHealth(peer, conn_uid, now, self.config)
+            self._rescale()
         return link
 
     def remove(self, peer: int) -> None:
-        self.links.pop(peer, None)
+        if self.links.pop(peer, None) is not None:
+            self._rescale()
+
+    def _rescale(self) -> None:
+        """Keep the heartbeat rate within the budget as peers come and go."""
+        base = self.base
+        scale = max(1.0, len(self.links) / (base.healthy_interval * base.budget))
+        timeout = min(max(base.timeout, base.timeout * scale), max(base.max_timeout, base.timeout))
+        healthy = min(base.healthy_interval * scale, timeout / 2)
+        ratio = healthy / base.healthy_interval
+        config = dataclasses.replace(
+            base,
+            confirm_interval=base.confirm_interval * ratio,
+            healthy_interval=healthy,
+            unhealthy_interval=max(base.unhealthy_interval, healthy),
+            timeout=timeout,
+        )
+        if config != self.config:
+            self.config = config
+            for link in self.links.values():
+                link.config = config
 
     def _link(self, peer: int, conn_uid: int) -> PeerHealth | None:
         link = self.links.get(peer)
