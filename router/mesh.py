@@ -214,7 +214,9 @@ class Mesh:
         self.peers = Peers(
             config.name, config.nickname, self.uid, choose_short_id((), self.rng), rng=self.rng
         )
-        self.routes = Routes.compute(self.peers)
+        self._routes: Routes | None = None
+        # What other threads (the data path) read: replaced whole, never computed there.
+        self.data_routes = Routes.compute(self.peers)
         self.maker = ConnectionMaker(rng=self.rng, discovery=config.discovery)
         self.connections: dict[int, Connection] = {}
         self.all_connections: set[Connection] = set()
@@ -697,8 +699,17 @@ class Mesh:
 
     # ------------------------------------------------------------ topology
 
+    @property
+    def routes(self) -> Routes:
+        """Routes over the current topology, computed when first needed after a change (a
+        burst of gossip changes the topology many times before anything is routed)."""
+        routes = self._routes
+        if routes is None:
+            routes = self._routes = self.data_routes = Routes.compute(self.peers)
+        return routes
+
     def _topology_changed(self, names: set[int]) -> None:
-        self.routes = Routes.compute(self.peers)
+        self._routes = None
         self._topology_dirty |= names
         self._topology_event.set()
         self._maker_event.set()
@@ -709,6 +720,7 @@ class Mesh:
         while True:
             await self._topology_event.wait()
             self._topology_event = trio.Event()
+            self.routes  # noqa: B018 (computes them for the data path)
             names, self._topology_dirty = self._topology_dirty, set()
             if names:
                 self._gossip_neighbours(TOPOLOGY_CHANNEL, _TopologyData(self, names))
@@ -723,7 +735,8 @@ class Mesh:
         if result.local_modified:
             self._topology_changed({self.name})  # recomputes the routes too
         elif changed or result.removed:
-            self.routes = Routes.compute(self.peers)
+            self._routes = None
+            self._topology_event.set()  # the flusher recomputes the data path's routes
             self._maker_event.set()
         fresh = result.new | result.restarted
         if fresh:

@@ -51,7 +51,7 @@ async def start_sleeve(cfg: RouterConfig, mesh: Mesh) -> SleeveOverlay:
     tap = functools.partial(ensure_tap, DEFAULT_TAP, cfg.bridge, cfg.mtu, vnet_hdr=True, nonblocking=True)
     tap_fd = await trio.to_thread.run_sync(tap)
     sock = open_udp_socket(cfg.host, cfg.port)
-    switch = Switch(mesh.name, lambda: mesh.routes, time.monotonic)
+    switch = Switch(mesh.name, lambda: mesh.data_routes, time.monotonic)
     datapath = DataPath(mesh.name, tap_fd, True, sock, switch, df_sock=open_df_socket())
     return SleeveOverlay(mesh, datapath, cfg.port)
 
