@@ -34,23 +34,27 @@ def _full_mesh(hosts: list[Host]) -> bool:
     return True
 
 
-def _containers(hosts: list[Host]) -> None:
+def _containers(hosts: list[Host]) -> list[str]:
     """A container per host, pinging across hosts by address and finding each other by name."""
-    _say("a container (a network namespace) on each host, attached with an address and a name")
+    _say("a container (a network namespace) on each host, attached with a name; IPAM picks the address")
     containers = []
+    addresses = []
     for i, host in enumerate(hosts, start=1):
         c = host.add_container(f"web{i}")
-        cidr = f"10.32.0.{i}/12"
-        print(f"    {host.name}$ weave attach -h web{i} {cidr} {c.netns}")
-        _weave(host, "attach", "-h", f"web{i}", cidr, c.netns)
+        print(f"    {host.name}$ weave attach -h web{i} {c.netns}")
+        address = _weave(host, "attach", "-h", f"web{i}", c.netns).split()[0]
+        print(f"    {address}")
         containers.append(c)
+        addresses.append(address.split("/")[0])
+    _say(f"{hosts[0].name}$ weave status ipam (the range, shared out by the peers that needed space)")
+    print(_weave(hosts[0], "status", "ipam"), end="")
     last = hosts[-1]
     _say(f"{last.name}$ weave ps")
     print(_weave(last, "ps"), end="")
     first = containers[0]
     for i, host in enumerate(hosts[1:], start=2):
-        _say(f"web1 ({hosts[0].name}) pings web{i} on {host.name} at 10.32.0.{i}")
-        result = first.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", f"10.32.0.{i}"], check=False)
+        _say(f"web1 ({hosts[0].name}) pings web{i} on {host.name} at {addresses[i - 1]}")
+        result = first.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", addresses[i - 1]], check=False)
         _show(line for line in result.stdout.splitlines() if "packet" in line or "bytes from" in line)
     asker = f"web{len(hosts)}"
     _say(f"names resolve through weaveDNS: {asker} asks for web1")
@@ -59,6 +63,7 @@ def _containers(hosts: list[Host]) -> None:
     result = containers[-1].run(["ping", "-c", "1", "-W", "2", "web1"], check=False)
     answer = result.stdout.splitlines()[1] if result.returncode == 0 else result.stderr.strip()
     _show([f"{asker}$ ping -c 1 web1", answer])
+    return addresses
 
 
 def _link_line(host: Host, peer: Host) -> str:
@@ -77,7 +82,7 @@ def _wait_link(host: Host, peer: Host, word: str, limit: float) -> float | None:
     return None
 
 
-def _fallback(testbed: Testbed, hosts: list[Host]) -> None:
+def _fallback(testbed: Testbed, hosts: list[Host], target: str) -> None:
     """Block the kernel path between two hosts: traffic moves to the sleeve, then back."""
     a, b = hosts[0], hosts[1]
     if _wait_link(a, b, "fastdp", 5) is None:
@@ -90,8 +95,8 @@ def _fallback(testbed: Testbed, hosts: list[Host]) -> None:
     took = _wait_link(a, b, "sleeve", 10)
     _show([_link_line(a, b), f"fell back to the sleeve after {took:.1f} s" if took else "no fallback seen"])
     c = a.add_container("probe")
-    _weave(a, "attach", "10.32.0.100/12", c.netns)
-    result = c.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.32.0.2"], check=False)
+    _weave(a, "attach", c.netns)
+    result = c.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", target], check=False)
     _show(line for line in result.stdout.splitlines() if "packet" in line)
     _say("unblocking: the health checks pass again and traffic returns to the kernel")
     testbed.unblock(a, b, "udp", 6784)
@@ -152,9 +157,8 @@ def main(argv: list[str]) -> int:
         print(_weave(hosts[-1], "status", "connections"), end="")
         _say(f"{first.name}$ weave status peers")
         print(_weave(first, "status", "peers"), end="")
-        _containers(hosts)
-        if len(hosts) >= 2:
-            _fallback(testbed, hosts)
+        addresses = _containers(hosts)
+        _fallback(testbed, hosts, addresses[1])
         if opts.keep:
             _say("left running (--keep). Try for example:")
             print(f"    ip netns exec {first.netns} env WEAVE_STATE_DIR={first.state_dir} weave status")
