@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import pytest
 
 from router.testbed import Container, Host, Testbed
+from tests.routers import diagnostics, log_text, weave
 
 pytestmark = [
     pytest.mark.netns,
@@ -55,23 +56,6 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def weave(host: Host, *args: str, check: bool = True) -> str:
-    return host.run(["weave", *args], check=check, timeout=60).stdout
-
-
-def log_text(host: Host) -> str:
-    path = host.state_dir / "weaver.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def diagnostics(hosts: list[Host], lines: int = 30) -> str:
-    out = []
-    for h in hosts:
-        tail = "\n    ".join(log_text(h).splitlines()[-lines:])
-        out.append(f"--- {h.name} ({h.address}) weaver.log:\n    {tail}")
-    return "\n".join(out)
 
 
 def wait_for(probe: Callable[[], T | None], what: str, hosts: list[Host], timeout: float = CONVERGE) -> T:

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import pytest
 
 from router.testbed import Container, Host, Testbed
+from tests.routers import diagnostics, launch, log_text, weave
 
 pytestmark = [
     pytest.mark.netns,
@@ -68,30 +69,6 @@ SLEEVE_REASONS = (
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def weave(host: Host, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
-    return host.run(["weave", *args], env={**host.env, **(env or {})}, check=check, timeout=40).stdout
-
-
-def launch(host: Host, *args: str, env: dict[str, str] | None = None) -> None:
-    out = weave(host, "launch", "--nickname", host.name, *args, env=env)
-    assert "weave router started" in out, out
-
-
-def log_text(host: Host) -> str:
-    path = host.state_dir / "weaver.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def diagnostics(hosts: Iterable[Host], lines: int = 30) -> str:
-    out = []
-    for h in hosts:
-        status = weave(h, "status", "connections", check=False).strip() or "<router not answering>"
-        tail = "\n    ".join(log_text(h).splitlines()[-lines:])
-        out.append(f"--- {h.name} ({h.address}) status connections:\n    {status}\n"
-                   f"--- {h.name} weaver.log (last {lines} lines):\n    {tail}")
-    return "\n".join(out)
 
 
 def wait_for(probe: Callable[[], T | None], what: str, timeout: float = CONVERGE, hosts: Iterable[Host] = (),

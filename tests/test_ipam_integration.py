@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import pytest
 
 from router.testbed import Container, Host, Testbed
+from tests.routers import diagnostics, log_text
 
 pytestmark = [
     pytest.mark.netns,
@@ -69,19 +70,6 @@ def weave(host: Host, *args: str, check: bool = True, env: dict[str, str] | None
 def launch(host: Host, *args: str, env: dict[str, str] | None = None) -> None:
     out = weave(host, "launch", "--nickname", host.name, *args, env=env).stdout
     assert "weave router started" in out, out
-
-
-def log_text(host: Host) -> str:
-    path = host.state_dir / "weaver.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def diagnostics(hosts: Iterable[Host], lines: int = 40) -> str:
-    out = []
-    for h in hosts:
-        tail = "\n    ".join(log_text(h).splitlines()[-lines:])
-        out.append(f"--- {h.name} ({h.address}) weaver.log:\n    {tail}")
-    return "\n".join(out)
 
 
 def wait_for(probe: Callable[[], T | None], what: str, hosts: Iterable[Host], timeout: float = CONVERGE,

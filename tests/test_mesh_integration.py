@@ -25,6 +25,7 @@ import pytest
 
 from router.peername import format_peer_name, random_peer_name
 from router.testbed import Host, Testbed
+from tests.routers import diagnostics, launch, log_text, weave
 
 pytestmark = [
     pytest.mark.netns,
@@ -47,32 +48,9 @@ T = TypeVar("T")
 # ---------------------------------------------------------------- helpers
 
 
-def weave(host: Host, *args: str, check: bool = True, env: dict[str, str] | None = None) -> str:
-    proc = host.run(["weave", *args], env={**host.env, **(env or {})}, check=check, timeout=40)
-    return proc.stdout
-
-
-def launch(host: Host, *args: str, env: dict[str, str] | None = None) -> None:
-    out = weave(host, "launch", "--nickname", host.name, *args, env=env)
-    assert "weave router started" in out, out
-
-
 def report(host: Host) -> dict[str, Any]:
     """The router section of `weave report`."""
     return json.loads(weave(host, "report"))["Router"]
-
-
-def log_text(host: Host) -> str:
-    path = host.state_dir / "weaver.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def diagnostics(hosts: Iterable[Host], lines: int = 25) -> str:
-    out = []
-    for h in hosts:
-        tail = "\n    ".join(log_text(h).splitlines()[-lines:])
-        out.append(f"--- {h.name} ({h.address}) weaver.log:\n    {tail}")
-    return "\n".join(out)
 
 
 def wait_for(

@@ -36,6 +36,7 @@ import pytest
 from router.bridge import VNET_HDR_LEN
 from router.testbed import Container, Host, Testbed
 from sleeve.wire import overlay_mtu
+from tests.routers import diagnostics, launch, log_text, weave
 
 pytestmark = [
     pytest.mark.netns,
@@ -60,29 +61,6 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def weave(host: Host, *args: str, check: bool = True, timeout: float = 40) -> str:
-    return host.run(["weave", *args], check=check, timeout=timeout).stdout
-
-
-def launch(host: Host, *args: str) -> None:
-    out = weave(host, "launch", "--nickname", host.name, *args)
-    assert "weave router started" in out, out
-
-
-def log_text(host: Host) -> str:
-    path = host.state_dir / "weaver.log"
-    return path.read_text(errors="replace") if path.exists() else ""
-
-
-def diagnostics(hosts: Iterable[Host], lines: int = 25) -> str:
-    out = []
-    for h in hosts:
-        tail = "\n    ".join(log_text(h).splitlines()[-lines:])
-        conns = weave(h, "status", "connections", check=False, timeout=10).strip()
-        out.append(f"--- {h.name} ({h.address}) connections:\n    {conns}\n    weaver.log:\n    {tail}")
-    return "\n".join(out)
 
 
 def wait_for(

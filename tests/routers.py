@@ -1,0 +1,34 @@
+"""Helpers for tests that run real routers in the test bed's network namespaces."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from router.testbed import Host
+
+
+def weave(
+    host: Host, *args: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 60
+) -> str:
+    """`weave ARGS` inside the host's namespace, with its WEAVE_STATE_DIR; its stdout."""
+    return host.run(["weave", *args], env={**host.env, **(env or {})}, check=check, timeout=timeout).stdout
+
+
+def launch(host: Host, *args: str, env: dict[str, str] | None = None) -> None:
+    out = weave(host, "launch", "--nickname", host.name, *args, env=env)
+    assert "weave router started" in out, out
+
+
+def log_text(host: Host) -> str:
+    path = host.state_dir / "weaver.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def diagnostics(hosts: Iterable[Host], lines: int = 30) -> str:
+    """Each router's connections and the end of its log, for a failure message."""
+    out = []
+    for h in hosts:
+        conns = weave(h, "status", "connections", check=False, timeout=10).strip() or "<router not answering>"
+        tail = "\n    ".join(log_text(h).splitlines()[-lines:])
+        out.append(f"--- {h.name} ({h.address}) connections:\n    {conns}\n--- weaver.log:\n    {tail}")
+    return "\n".join(out)
