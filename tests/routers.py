@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import pytest
 
 from router.testbed import Host
+
+T = TypeVar("T")
+CONVERGE = 20.0  # seconds a small mesh may take to settle (it takes ~1 s)
+POLL = 0.15
 
 
 def weave(
@@ -32,3 +40,23 @@ def diagnostics(hosts: Iterable[Host], lines: int = 30) -> str:
         tail = "\n    ".join(log_text(h).splitlines()[-lines:])
         out.append(f"--- {h.name} ({h.address}) connections:\n    {conns}\n--- weaver.log:\n    {tail}")
     return "\n".join(out)
+
+
+def wait_for(
+    probe: Callable[[], T | None],
+    what: str,
+    timeout: float = CONVERGE,
+    hosts: Iterable[Host] = (),
+    describe: Callable[[], str] | None = None,
+    interval: float = POLL,
+) -> T:
+    """Poll `probe` until it returns something truthy; fail with diagnostics on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = describe() if describe else ""
+            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{detail}\n{diagnostics(hosts)}")
+        time.sleep(interval)

@@ -23,15 +23,15 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from router.testbed import Container, Host, Testbed
-from tests.routers import diagnostics, log_text, weave
+from tests.routers import diagnostics, log_text, wait_for, weave
 
 pytestmark = [
     pytest.mark.netns,
@@ -49,24 +49,10 @@ DNS_ADDRESS = "169.254.53.1"
 DOMAIN = "weave.local."
 UPSTREAM = "127.0.0.77"  # the "host's resolver": loopback of each host namespace
 FALLBACK_TIMEOUT = 1.0  # --dns-fallback-timeout
-POLL = 0.1
-CONVERGE = 20.0
 
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def wait_for(probe: Callable[[], T | None], what: str, hosts: list[Host], timeout: float = CONVERGE) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{diagnostics(hosts)}")
-        time.sleep(POLL)
 
 
 def dig(ns: Host | Container, *args: str) -> str:
@@ -361,7 +347,7 @@ def mesh() -> Iterator[Mesh]:
                 return None
             return {name: r["Name"] for name, r in reps.items()}
 
-        peer_names = wait_for(meshed, "a full mesh of 3", tb.hosts)
+        peer_names = wait_for(meshed, "a full mesh of 3", hosts=tb.hosts)
         web = h1.add_container("web")
         attach(h1, "10.32.1.1/12", web, "web")
         db = [h1.add_container("db"), h2.add_container("db")]
@@ -385,7 +371,7 @@ def wait_resolves(m: Mesh, c: Container, name: str, expected: set[str], *args: s
         got = dig_short(c, *args, name)
         return got if set(got) == expected else None
 
-    return wait_for(probe, f"{name} -> {sorted(expected)} in {c}", m.hosts)
+    return wait_for(probe, f"{name} -> {sorted(expected)} in {c}", hosts=m.hosts)
 
 
 # ---------------------------------------------------------------- tests
@@ -518,7 +504,7 @@ def test_external_names_are_forwarded_then_servfail(mesh: Mesh) -> None:
     def start_resolver(mode: str) -> None:
         h3.spawn([sys.executable, "-c", RESOLVER, UPSTREAM, mode], "resolver")
         log = h3.log_path("resolver")
-        wait_for(lambda: f"ready {mode}" in log.read_text(), f"the {mode} resolver", mesh.hosts, 10)
+        wait_for(lambda: f"ready {mode}" in log.read_text(), f"the {mode} resolver", 10, mesh.hosts)
 
     log = h3.log_path("resolver")
     start_resolver("answer")
@@ -655,7 +641,7 @@ def test_weave_status_dns_and_dns_lookup(mesh: Mesh) -> None:
         return lines if ok else None
 
     for host in mesh.hosts:
-        lines = wait_for(lambda h=host: listed(h), f"web in `weave status dns` on {host.name}", mesh.hosts)
+        lines = wait_for(lambda h=host: listed(h), f"web in `weave status dns` on {host.name}", hosts=mesh.hosts)
         rows = {(f[0], f[1]): f for f in (line.split() for line in lines) if len(f) >= 4}
         web = rows[("web", "10.32.1.1")]
         assert web[2] == mesh.web.netns[:12] and web[3] == mesh.peer_names["host1"], web

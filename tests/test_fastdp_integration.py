@@ -29,12 +29,12 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from router.testbed import Container, Host, Testbed
-from tests.routers import diagnostics, launch, log_text, weave
+from tests.routers import diagnostics, launch, log_text, wait_for, weave
 
 pytestmark = [
     pytest.mark.netns,
@@ -46,9 +46,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("weave") is None, reason="the weave CLI is not installed (scripts/install)"),
 ]
 
-T = TypeVar("T")
 
-POLL = 0.1  # seconds between status polls
 CONVERGE = 20.0  # seconds a small mesh may take to form and confirm fastdp (it takes ~1 s)
 FAILOVER_BUDGET = 3.0  # a blocked VXLAN path must be on the sleeve within this (seconds)
 RETURN_BUDGET = 10.0  # and back on fastdp within this after the repair
@@ -69,20 +67,6 @@ SLEEVE_REASONS = (
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def wait_for(probe: Callable[[], T | None], what: str, timeout: float = CONVERGE, hosts: Iterable[Host] = (),
-             describe: Callable[[], str] | None = None, interval: float = POLL) -> T:
-    """Poll `probe` until it returns something truthy; fail with diagnostics on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = describe() if describe else ""
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{detail}\n{diagnostics(hosts)}")
-        time.sleep(interval)
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from router.testbed import Container, Host, Testbed
-from tests.routers import diagnostics, log_text
+from tests.routers import diagnostics, log_text, wait_for
 
 pytestmark = [
     pytest.mark.netns,
@@ -50,12 +50,10 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("weave") is None, reason="the weave CLI is not installed (scripts/install)"),
 ]
 
-POLL = 0.2  # seconds between polls
 CONVERGE = 25.0  # seconds a mesh / ring may take to settle (it takes ~1-2 s)
 DEFAULT_RANGE = ipaddress.IPv4Network("10.32.0.0/12")
 HEARTBEAT = "0.5"  # PYWEAVE_HEARTBEAT_INTERVAL for the partition test: a dead link is seen in ~1 s
 
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- helpers
@@ -70,20 +68,6 @@ def weave(host: Host, *args: str, check: bool = True, env: dict[str, str] | None
 def launch(host: Host, *args: str, env: dict[str, str] | None = None) -> None:
     out = weave(host, "launch", "--nickname", host.name, *args, env=env).stdout
     assert "weave router started" in out, out
-
-
-def wait_for(probe: Callable[[], T | None], what: str, hosts: Iterable[Host], timeout: float = CONVERGE,
-             describe: Callable[[], str] | None = None) -> T:
-    """Poll `probe` until it returns something truthy; fail with the routers' logs on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = describe() if describe else ""
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{detail}\n{diagnostics(hosts)}")
-        time.sleep(POLL)
 
 
 # Runs a list of [method, path] requests against the router's HTTP API (127.0.0.1:6784 in
@@ -239,8 +223,8 @@ def check_ring(hosts: Iterable[Host], network: ipaddress.IPv4Network) -> bool:
 def wait_ring_covered(bed: Bed, hosts: list[Host] | None = None, timeout: float = CONVERGE) -> None:
     """Wait until the hosts' own ranges cover the range (checking the invariants meanwhile)."""
     hosts = hosts or bed.hosts
-    wait_for(lambda: check_ring(hosts, bed.network), "the hosts' own ranges to cover the range", bed.hosts,
-             timeout, describe=lambda: "\n".join(f"{h.name}: {own_ranges(h)}" for h in hosts))
+    wait_for(lambda: check_ring(hosts, bed.network), "the hosts' own ranges to cover the range", timeout,
+             bed.hosts, describe=lambda: "\n".join(f"{h.name}: {own_ranges(h)}" for h in hosts))
 
 
 def attach(host: Host, container: Container, *addrs: str) -> str:
@@ -268,7 +252,7 @@ def ping_pairs(pairs: Iterable[tuple[Attached, Attached]], hosts: list[Host], ti
     """Every pair pings: the first within `timeout` (paths may still be set up), the rest within 6 s each."""
     for i, (a, b) in enumerate(pairs):
         limit = timeout if i == 0 else 6.0
-        wait_for(lambda a=a, b=b: a.container.ping(b.ip, count=1, timeout=0.5), f"{a} to reach {b}", hosts, limit)
+        wait_for(lambda a=a, b=b: a.container.ping(b.ip, count=1, timeout=0.5), f"{a} to reach {b}", limit, hosts)
 
 
 def cross_host_pairs(atts: list[Attached]) -> list[tuple[Attached, Attached]]:
@@ -436,7 +420,7 @@ def test_hundred_addresses_across_three_hosts(ring3: Bed, show_logs: Callable[[B
     # The allocated addresses work: containers on different hosts reach each other, and
     # the exposed host reaches a container on another host.
     ping_pairs(cross_host_pairs(atts), bed.hosts)
-    assert wait_for(lambda: h1.ping(atts[2].ip), "host1 (exposed) to reach a2 on host2", bed.hosts, 10)
+    assert wait_for(lambda: h1.ping(atts[2].ip), "host1 (exposed) to reach a2 on host2", 10, bed.hosts)
     # `weave hide` gives the exposed address back.
     assert weave(h1, "hide").stdout.split() == exposed
     assert "weave:expose" not in owned(h1)
@@ -608,7 +592,7 @@ def test_partition_allocate_on_both_sides_then_heal(partition_bed: Bed,
     # host3 alone on one side, host1 + host2 on the other.
     tb.partition(h3, h1)
     tb.partition(h3, h2)
-    wait_for(lambda: established(h3) == 0, "host3 to lose its connections", bed.hosts, 15)
+    wait_for(lambda: established(h3) == 0, "host3 to lose its connections", 15, bed.hosts)
 
     minority = [bed.attach(h3, "m3a"), bed.attach(h3, "m3b")]
     majority = [bed.attach(h1, "M1a"), bed.attach(h1, "M1b"), bed.attach(h2, "M2a")]
@@ -624,7 +608,7 @@ def test_partition_allocate_on_both_sides_then_heal(partition_bed: Bed,
 
     tb.heal(h3, h1)
     tb.heal(h3, h2)
-    wait_for(lambda: all(established(h) == 2 for h in bed.hosts), "the mesh to re-form", bed.hosts, 40)
+    wait_for(lambda: all(established(h) == 2 for h in bed.hosts), "the mesh to re-form", 40, bed.hosts)
     # The owners' own views still split the range between them. (The other peers' views
     # of a donation follow by periodic gossip, up to 30 s, as in Weave: not waited for.)
     assert check_ring(bed.hosts, DEFAULT_RANGE)
@@ -709,7 +693,7 @@ def test_reset_hands_space_to_a_live_peer(ring4: Bed, show_logs: Callable[[Bed],
         return s if ok and sum(x.ips for x in s.values()) == bed.network.num_addresses else None
 
     views = {h.name: wait_for(lambda h=h: handed_over(h), f"{h.name} to see host4's space handed over",
-                              bed.hosts, 15) for h in live}
+                              15, bed.hosts) for h in live}
     ips = [{name: x.ips for name, x in v.items()} for v in views.values()]
     assert ips[0] == ips[1] == ips[2], views
     wait_ring_covered(bed, live, 15)
@@ -740,10 +724,10 @@ def test_rmpeer_reclaims_a_dead_hosts_space(ring4: Bed, show_logs: Callable[[Bed
     dead = sum(b - a for a, b in before["host3"])
     assert dead > 0 and ipam_status(h1)[name3].ips == dead
     # `weave rmpeer host3` needs host1 to know that nickname (IPAM gossip; see ipam_status).
-    wait_for(lambda: ipam_status(h1)[name3].nick == "host3", "host1 to learn host3's nickname", bed.hosts, 40)
+    wait_for(lambda: ipam_status(h1)[name3].nick == "host3", "host1 to learn host3's nickname", 40, bed.hosts)
 
     kill_router(h3)
-    wait_for(lambda: ipam_status(h1)[name3].unreachable, "host1 to see host3 unreachable", bed.hosts)
+    wait_for(lambda: ipam_status(h1)[name3].unreachable, "host1 to see host3 unreachable", CONVERGE, bed.hosts)
 
     out = weave(h1, "rmpeer", "host3").stdout
     assert re.fullmatch(r"(\d+) IPs taken over from host3\n", out), out
@@ -756,7 +740,7 @@ def test_rmpeer_reclaims_a_dead_hosts_space(ring4: Bed, show_logs: Callable[[Bed
     # The others learn it by broadcast: host3 owns nothing on their rings either.
     for h in live:
         wait_for(lambda h=h: {n: s.ips for n, s in ipam_status(h).items()} == after, f"{h.name} to agree with host1",
-                 bed.hosts, 15, describe=lambda h=h: f"{h.name}: {ipam_status(h)}\nhost1: {after}")
+                 15, bed.hosts, describe=lambda h=h: f"{h.name}: {ipam_status(h)}\nhost1: {after}")
     assert check_ring(live, bed.network)
     # A second rmpeer finds nothing left to take.
     assert weave(h1, "rmpeer", "host3").stdout == "0 IPs taken over from host3\n"

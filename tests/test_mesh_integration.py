@@ -17,15 +17,15 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from router.peername import format_peer_name, random_peer_name
 from router.testbed import Host, Testbed
-from tests.routers import diagnostics, launch, log_text, weave
+from tests.routers import diagnostics, launch, log_text, wait_for, weave
 
 pytestmark = [
     pytest.mark.netns,
@@ -42,7 +42,6 @@ POLL = 0.15  # seconds between polls
 CONVERGE = 20.0  # seconds a small mesh may take to form (it takes ~1 s)
 HEARTBEAT = 0.5  # PYWEAVE_HEARTBEAT_INTERVAL for the partition test: read timeout 1 s
 
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- helpers
@@ -51,25 +50,6 @@ T = TypeVar("T")
 def report(host: Host) -> dict[str, Any]:
     """The router section of `weave report`."""
     return json.loads(weave(host, "report"))["Router"]
-
-
-def wait_for(
-    probe: Callable[[], T | None],
-    what: str,
-    timeout: float = CONVERGE,
-    hosts: Iterable[Host] = (),
-    describe: Callable[[], str] | None = None,
-) -> T:
-    """Poll `probe` until it returns something truthy; fail with diagnostics on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = describe() if describe else ""
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{detail}\n{diagnostics(hosts)}")
-        time.sleep(POLL)
 
 
 def own_name(rep: dict[str, Any]) -> str:

@@ -26,17 +26,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from router.bridge import VNET_HDR_LEN
 from router.testbed import Container, Host, Testbed
 from sleeve.wire import overlay_mtu
-from tests.routers import diagnostics, launch, log_text, weave
+from tests.routers import diagnostics, launch, log_text, wait_for, weave
 
 pytestmark = [
     pytest.mark.netns,
@@ -49,7 +49,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-POLL = 0.15  # seconds between polls
 CONVERGE = 20.0  # seconds a small mesh may take to establish its sleeve links (it takes ~1 s)
 PASSWORD = "sleeve-integration-secret"
 OVERLAY_NET = "10.32.1"  # the container on hostN gets 10.32.1.N/12
@@ -57,29 +56,9 @@ OVERLAY_PREFIXLEN = 12
 CONTAINER_MTU = 1376  # the bridge and every container port (DESIGN.md §4)
 UNDERLAY_MTU = 1500
 
-T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def wait_for(
-    probe: Callable[[], T | None],
-    what: str,
-    timeout: float = CONVERGE,
-    hosts: Iterable[Host] = (),
-    describe: Callable[[], str] | None = None,
-) -> T:
-    """Poll `probe` until it returns something truthy; fail with diagnostics on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = describe() if describe else ""
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{detail}\n{diagnostics(hosts)}")
-        time.sleep(POLL)
 
 
 def weaver_pid(host: Host) -> int:
