@@ -176,16 +176,11 @@ STATE_FILES = ("peername", "weaver.log", "weaver.ready", "ipam.sqlite3", "dns-en
 
 def cmd_reset(args: list[str]) -> int:
     """Hand our IP space to a live peer, stop, and remove the state and the kernel objects."""
-    bridge = "weave"
     if _running_pid() is not None:
         try:
             _request("DELETE", "/peer", timeout=10)
         except CliError as exc:
             print(f"weave reset: could not hand over IP space: {exc}", file=sys.stderr)
-        try:
-            bridge = json.loads(_request("GET", "/report", timeout=5)).get("Bridge", bridge)
-        except (CliError, ValueError):
-            pass
     cmd_stop(args)
     directory = state_dir()
     for item in STATE_FILES:
@@ -196,9 +191,9 @@ def cmd_reset(args: list[str]) -> int:
     from weavedns.service import HostDnsSetup, remove_host_setup
 
     try:
-        remove_host_setup(HostDnsSetup(bridge=bridge))
+        remove_host_setup(HostDnsSetup())
         remove_nat()
-        removed = teardown(bridge)
+        removed = teardown()
     except Exception as exc:  # best effort: the state is gone either way
         print(f"weave reset: could not remove every kernel object: {exc}", file=sys.stderr)
         removed = []
