@@ -467,6 +467,3 @@ def path_mtu(address: tuple[str, int]) -> int | None:
         except OSError:
             return None
 
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 OVERLAY_NAME = "sleeve"
 # Announced in the handshake: frames on the link carry a virtio header (pyweave peers).
 VNET_FEATURE = "PyweaveSleeveVnet"
+MAC_SWEEP_INTERVAL = 60.0
 
 
 @dataclass
@@ -164,12 +165,17 @@ class SleeveOverlay:
         self.datapath.start()
         try:
             task_status.started()
+            next_sweep = self._clock() + MAC_SWEEP_INTERVAL
             while True:
                 now = self._clock()
                 for remote, entry in list(self._conns.items()):
                     if entry.ctl.next_deadline() <= now:
                         self._perform(remote, entry.ctl.tick(now))
-                deadline = min((e.ctl.next_deadline() for e in self._conns.values()), default=now + 60)
+                if now >= next_sweep:
+                    self.datapath.switch.expire_macs()
+                    next_sweep = now + MAC_SWEEP_INTERVAL
+                deadline = min((e.ctl.next_deadline() for e in self._conns.values()), default=next_sweep)
+                deadline = min(deadline, next_sweep)
                 with trio.move_on_at(max(deadline, now + 0.001)):
                     await self._wake.wait()
                 self._wake = trio.Event()

@@ -56,18 +56,18 @@ class MacTable:
             return None
         return entry[0]
 
+    # These run on the control side while the data path threads learn: they iterate over
+    # a snapshot (list() of a dict's items is one step under the GIL) and tolerate races.
     def forget_peer(self, peer: int) -> None:
-        for mac in [m for m, (p, _) in self._macs.items() if p == peer]:
-            del self._macs[mac]
+        for mac, (owner, _) in list(self._macs.items()):
+            if owner == peer:
+                self._macs.pop(mac, None)
 
     def expire(self, now: float) -> int:
-        stale = [m for m, (_, seen) in self._macs.items() if now - seen > self.expiry]
+        stale = [m for m, (_, seen) in list(self._macs.items()) if now - seen > self.expiry]
         for mac in stale:
-            del self._macs[mac]
+            self._macs.pop(mac, None)
         return len(stale)
-
-    def items(self, now: float) -> list[tuple[bytes, int]]:
-        return [(m, p) for m, (p, seen) in self._macs.items() if now - seen <= self.expiry]
 
     def __len__(self) -> int:
         return len(self._macs)
@@ -84,6 +84,10 @@ class Switch:
         self.moved = 0
         # Neighbours the kernel (fastdp) floods our bridge's broadcasts to by itself.
         self.kernel_peers: frozenset[int] = frozenset()
+
+    def expire_macs(self) -> int:
+        """Drop MACs unseen for MAC_EXPIRY (lookups already ignore them; this frees them)."""
+        return self.macs.expire(self._clock())
 
     def _flood(self, origin: int, exclude: int | None = None) -> Hops:
         return [(hop, hop) for hop in self._routes().broadcast(origin) if hop != exclude]

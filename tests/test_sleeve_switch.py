@@ -109,3 +109,10 @@ def test_group_source_addresses_are_not_learnt() -> None:
     table = MacTable()
     assert table.learn(BCAST, B, 0.0) is None
     assert table.lookup(BCAST, 0.0) is None and len(table) == 0
+
+
+def test_expired_macs_are_swept() -> None:
+    switch, clock = make()
+    switch.from_peer(B, B, US, frame(BCAST, MAC_B))
+    clock.now = 10_000.0
+    assert switch.expire_macs() == 1 and len(switch.macs) == 0
