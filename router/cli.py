@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import gc
 import json
 import os
+import select
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -14,9 +18,18 @@ import urllib.request
 from pathlib import Path
 
 from router import __version__
-from router.config import ConfigError, build_parser, http_addr, refuse_unsupported, state_dir
+from router.config import (
+    ConfigError,
+    RouterConfig,
+    build_parser,
+    http_addr,
+    parse_args,
+    refuse_unsupported,
+    state_dir,
+)
 
 LAUNCH_TIMEOUT = 20.0
+LISTEN_BACKLOG = 128
 
 
 class CliError(Exception):
@@ -59,7 +72,36 @@ def _running_pid() -> int | None:
     return pid if b"weave" in cmdline else None
 
 
-def _spawn_weaver(args: list[str], log_path: Path) -> int:
+def _listen(cfg: RouterConfig) -> list[socket.socket]:
+    """The mesh's TCP listeners, bound here before the daemon starts: a port in use is
+    reported at once, and peers that dial us while the daemon is still starting wait in
+    the backlog instead of being refused and backing off for seconds."""
+    try:
+        infos = socket.getaddrinfo(
+            cfg.host or None, cfg.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise CliError(f"weave launch: --host {cfg.host!r}: {exc.strerror}") from None
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        for sock in listeners:
+            sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CliError(f"weave launch: TCP port {cfg.port} is already in use") from None
+        raise CliError(f"weave launch: cannot listen on TCP port {cfg.port}: {exc.strerror or exc}") from None
+    return listeners
+
+
+def _spawn_weaver(args: list[str], log_path: Path, listeners: list[socket.socket], ready_fd: int) -> int:
     """Fork the daemon from this process: it has already paid for the interpreter's
     start-up, which matters when many routers start at once on a small machine."""
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -76,9 +118,12 @@ def _spawn_weaver(args: list[str], log_path: Path) -> int:
         os.dup2(null, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
+        # No cyclic GC passes over the import-time objects while starting; the daemon
+        # freezes them and turns the collector back on once it is up.
+        gc.disable()
         from router.weaver import main as weaver_main
 
-        code = weaver_main(args)
+        code = weaver_main(args, listeners=listeners, ready_fd=ready_fd)
     except BaseException:  # the child must never return into the CLI
         import traceback
 
@@ -96,49 +141,67 @@ def _exit_code(pid: int) -> int | None:
     return os.waitstatus_to_exitcode(status)
 
 
+def _wait_ready(child: int, ready_r: int, log_path: Path) -> None:
+    """Block until the daemon says it is ready (a byte on the pipe) or goes away (end
+    of file: the daemon held the only write end)."""
+    tty = sys.stderr.isatty()
+    poller = select.poll()
+    poller.register(ready_r, select.POLLIN)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while (left := deadline - time.monotonic()) > 0:
+        if not poller.poll(min(left, 0.5) * 1000):
+            if tty:
+                print(".", end="", file=sys.stderr, flush=True)
+            continue
+        if os.read(ready_r, 1):
+            if tty:
+                print(file=sys.stderr)
+            return
+        code = None
+        for _ in range(50):  # the exit status follows the end of file closely
+            code = _exit_code(child)
+            if code is not None:
+                break
+            time.sleep(0.02)
+        _pid_file().unlink(missing_ok=True)
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+        detail = "\n  ".join(tail)
+        raise CliError(f"weave launch: the router exited (code {code}):\n  {detail}")
+    os.kill(child, signal.SIGTERM)
+    _pid_file().unlink(missing_ok=True)
+    raise CliError(f"weave launch: the router did not answer within {LAUNCH_TIMEOUT:.0f} s; see {log_path}")
+
+
 def cmd_launch(args: list[str]) -> int:
     if os.geteuid() != 0:
         raise CliError("weave launch must be run as root")
-    try:
-        refuse_unsupported(args)
-        build_parser("weave launch").parse_args(args)
-    except ConfigError as exc:
-        raise CliError(f"weave launch: {exc}") from None
     pid = _running_pid()
     if pid is not None:
         raise CliError(f"weave is already running (pid {pid}); `weave stop` first")
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
+    try:
+        refuse_unsupported(args)
+        build_parser("weave launch").parse_args(args)
+        cfg = parse_args(args)
+    except ConfigError as exc:
+        raise CliError(f"weave launch: {exc}") from None
+    listeners = _listen(cfg)
     log_path = directory / "weaver.log"
-    ready = directory / "weaver.ready"
-    ready.unlink(missing_ok=True)
-    child = _spawn_weaver(args, log_path)
+    ready_r, ready_w = os.pipe()
+    try:
+        child = _spawn_weaver(args, log_path, listeners, ready_w)
+    finally:
+        os.close(ready_w)
+        for sock in listeners:
+            sock.close()
     _pid_file().write_text(f"{child}\n")
-    tty = sys.stderr.isatty()
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while time.monotonic() < deadline:
-        code = _exit_code(child)
-        if code is not None:
-            _pid_file().unlink(missing_ok=True)
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-            detail = "\n  ".join(tail)
-            raise CliError(f"weave launch: the router exited (code {code}):\n  {detail}")
-        if ready.exists():
-            try:
-                _request("GET", "/status", timeout=2)
-            except CliError:
-                pass
-            else:
-                if tty:
-                    print(file=sys.stderr)
-                print(f"weave router started (pid {child}); log: {log_path}")
-                return 0
-        if tty:
-            print(".", end="", file=sys.stderr, flush=True)
-        time.sleep(0.1)
-    os.kill(child, signal.SIGTERM)
-    _pid_file().unlink(missing_ok=True)
-    raise CliError(f"weave launch: the router did not answer within {LAUNCH_TIMEOUT:.0f} s; see {log_path}")
+    try:
+        _wait_ready(child, ready_r, log_path)
+    finally:
+        os.close(ready_r)
+    print(f"weave router started (pid {child}); log: {log_path}")
+    return 0
 
 
 def _alive(pid: int) -> bool:

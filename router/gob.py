@@ -26,7 +26,7 @@ __all__ = [
     "BOOL", "INT", "UINT", "FLOAT", "BYTES", "STRING", "COMPLEX",
     "Builtin", "SliceType", "ArrayType", "MapType", "StructType", "Field", "GobType", "GobStruct",
     "STRING_MAP", "Encoder", "Decoder", "encode", "encode_stream", "decode_all",
-    "encode_uint", "decode_uint", "encode_int", "decode_int", "GobError",
+    "encode_uint", "decode_uint", "encode_int", "decode_int", "GobError", "WireDef",
 ]
 
 _MAX_UINT = (1 << 64) - 1
@@ -535,7 +535,9 @@ def encode_stream(
 
 
 @dataclass
-class _WireDef:
+class WireDef:
+    """A type as a stream defines it: its kind, name, and component type ids."""
+
     kind: str  # "struct", "slice", "array", "map", "opaque"
     name: str
     elem: int = 0
@@ -544,16 +546,16 @@ class _WireDef:
     fields: tuple[tuple[str, int], ...] = ()
 
 
-def _predefined_table() -> dict[int, _WireDef]:
-    table: dict[int, _WireDef] = {}
+def _predefined_table() -> dict[int, WireDef]:
+    table: dict[int, WireDef] = {}
     for t, i in _PREDEFINED.items():
         if isinstance(t, StructType):
             fields = tuple(
                 (f.name, f.type.id if isinstance(f.type, Builtin) else _PREDEFINED[f.type]) for f in t.fields
             )
-            table[i] = _WireDef("struct", t.name, fields=fields)
+            table[i] = WireDef("struct", t.name, fields=fields)
         elif isinstance(t, SliceType):
-            table[i] = _WireDef("slice", t.name, elem=_PREDEFINED[t.elem])
+            table[i] = WireDef("slice", t.name, elem=_PREDEFINED[t.elem])
     return table
 
 
@@ -567,7 +569,7 @@ class Decoder:
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._buf = bytes(data)
         self._pos = 0
-        self._types: dict[int, _WireDef] = dict(_PREDEFINED_TABLE)
+        self._types: dict[int, WireDef] = dict(_PREDEFINED_TABLE)
         # The end of the message being decoded; reads never go past it.
         self._end = 0
         self._mark = 0
@@ -618,23 +620,36 @@ class Decoder:
         while True:
             if self.at_end:
                 raise GobError("end of gob stream: no more values")
-            length, start = decode_uint(self._buf, self._pos)
-            if length == 0:
-                raise GobError("empty gob message")
-            if start + length > len(self._buf):
-                raise GobError(
-                    f"truncated gob message: length {length} but only {len(self._buf) - start} bytes remain"
-                )
-            self._mark = self._pos
-            self._end = start + length
-            self._pos = start
-            type_id = self._int()
+            type_id = self._next_message()
             if type_id < 0:
                 self._read_definition(-type_id)
                 continue
             if type_id == 0:
                 raise GobError("gob message with type id 0")
             return type_id
+
+    def _next_message(self) -> int:
+        length, start = decode_uint(self._buf, self._pos)
+        if length == 0:
+            raise GobError("empty gob message")
+        if start + length > len(self._buf):
+            raise GobError(
+                f"truncated gob message: length {length} but only {len(self._buf) - start} bytes remain"
+            )
+        self._mark = self._pos
+        self._end = start + length
+        self._pos = start
+        return self._int()
+
+    def read_definitions(self) -> dict[int, WireDef]:
+        """Read the rest of the data as type definitions only (a value there is an error);
+        return every user type defined so far, by id."""
+        while not self.at_end:
+            type_id = self._next_message()
+            if type_id >= 0:
+                raise GobError(f"gob value of type {type_id} where only type definitions were expected")
+            self._read_definition(-type_id)
+        return {i: d for i, d in self._types.items() if i >= _FIRST_USER_ID}
 
     def _read_definition(self, type_id: int) -> None:
         if type_id < _FIRST_USER_ID:
@@ -650,22 +665,22 @@ class Decoder:
         if len(present) + len(opaque) != 1:
             raise GobError(f"gob type definition {type_id} must describe exactly one kind of type")
         if opaque:
-            self._types[type_id] = _WireDef("opaque", wire[opaque[0]]["CommonType"]["Name"])
+            self._types[type_id] = WireDef("opaque", wire[opaque[0]]["CommonType"]["Name"])
             return
         kind = present[0]
         body = wire[kind]
         name = body["CommonType"]["Name"]
         if kind == "StructT":
             fields = tuple((f["Name"], f["Id"]) for f in body["Field"])
-            self._types[type_id] = _WireDef("struct", name, fields=fields)
+            self._types[type_id] = WireDef("struct", name, fields=fields)
         elif kind == "SliceT":
-            self._types[type_id] = _WireDef("slice", name, elem=body["Elem"])
+            self._types[type_id] = WireDef("slice", name, elem=body["Elem"])
         elif kind == "ArrayT":
             if body["Len"] < 0:
                 raise GobError(f"gob array type {type_id} with negative length")
-            self._types[type_id] = _WireDef("array", name, elem=body["Elem"], length=body["Len"])
+            self._types[type_id] = WireDef("array", name, elem=body["Elem"], length=body["Len"])
         else:
-            self._types[type_id] = _WireDef("map", name, key=body["Key"], elem=body["Elem"])
+            self._types[type_id] = WireDef("map", name, key=body["Key"], elem=body["Elem"])
 
     # -- primitive reads, bounded by the current message
 
@@ -699,7 +714,7 @@ class Decoder:
 
     # -- values
 
-    def _lookup(self, type_id: int) -> _WireDef:
+    def _lookup(self, type_id: int) -> WireDef:
         if type_id == _INTERFACE_ID:
             raise GobError("gob interface values are not supported (Weave never sends them)")
         try:
@@ -749,7 +764,7 @@ class Decoder:
         if self._depth > _MAX_DEPTH:
             raise GobError("gob value nested too deeply")
 
-    def _compile_container(self, wire: _WireDef, expect: Any) -> Callable[[], Any]:
+    def _compile_container(self, wire: WireDef, expect: Any) -> Callable[[], Any]:
         kind = wire.kind
         elem_t = expect.elem if expect is not None else None
         elem: list[Callable[[], Any]] = []
@@ -797,7 +812,7 @@ class Decoder:
 
         return read_list
 
-    def _compile_struct(self, wire: _WireDef, expect: StructType | None) -> Callable[[], GobStruct]:
+    def _compile_struct(self, wire: WireDef, expect: StructType | None) -> Callable[[], GobStruct]:
         names = [name for name, _ in wire.fields]
         count = len(names)
         readers: list[Callable[[], Any] | None] = [None] * count

@@ -21,8 +21,9 @@ import math
 import os
 import random
 import secrets
+import socket
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -251,8 +252,17 @@ class Mesh:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host or None)
+    async def run(
+        self,
+        sockets: Sequence[socket.socket] = (),
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen (on `sockets` if given: bound and listening already), dial, gossip."""
+        if sockets:
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+        else:
+            listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host or None)
         self.listening = [lst.socket.getsockname()[:2] for lst in listeners]
         log.info(
             "mesh listening on %s as %s(%s), uid %d",
@@ -324,9 +334,9 @@ class Mesh:
         while True:
             now = trio.current_time()
             self._update_discovered(now)
-            inbound_hosts = {
-                c.address.rpartition(":")[0] for c in self.connections.values() if not c.outbound
-            }
+            # Inbound connections still in their handshake count too: dialling the same
+            # peer now would only make a duplicate.
+            inbound_hosts = {c.address.rpartition(":")[0] for c in self.all_connections if not c.outbound}
             connected = {c.target for c in self.all_connections if c.target}
             for addr in self.maker.due(now, inbound_hosts, connected):
                 if self.config.conn_limit and len(self.all_connections) >= self.config.conn_limit:

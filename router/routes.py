@@ -4,6 +4,9 @@ Every peer runs the same breadth-first search with each layer sorted by peer nam
 peers with the same view of the topology compute consistent routes and broadcast trees.
 Two flavours of every table: over connections that are established and symmetric (both
 ends list each other as established) for data, and over all connections for gossip.
+
+The links of each flavour are collected into sets once per snapshot, so the searches do
+no per-link lookups; and one search from a broadcast's origin yields every peer's hops.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Protocol
 
 from router.peername import UNKNOWN_PEER_NAME
@@ -19,6 +23,11 @@ from router.topology import Peer
 
 # Gossip goes to min(FACTOR * log2(#peers), #neighbours) neighbours.
 GOSSIP_FANOUT_FACTOR = 2
+
+# Peer name -> the peers it has a usable connection to (see `usable_links`).
+Links = Mapping[int, frozenset[int]]
+
+_NO_LINKS: frozenset[int] = frozenset()
 
 
 class TopologyView(Protocol):
@@ -50,6 +59,28 @@ def connected_peers(peers: Mapping[int, Peer], peer: Peer, established_and_symme
             yield remote_name
 
 
+def usable_links(peers: Mapping[int, Peer], established_and_symmetric: bool) -> dict[int, frozenset[int]]:
+    """`connected_peers` of every peer we hold an entry for, as sets.
+
+    Built once per snapshot so that searches do no per-link lookups, and can find a
+    peer's unreached neighbours with one set operation.
+    """
+    if not established_and_symmetric:
+        return {name: frozenset(peer.connections) for name, peer in peers.items()}
+    established = {
+        name: {remote for remote, conn in peer.connections.items() if conn.established}
+        for name, peer in peers.items()
+    }
+    return {name: _listing_back(peer.name, established[name], established) for name, peer in peers.items()}
+
+
+def _listing_back(
+    name: int, remotes: AbstractSet[int], established: Mapping[int, AbstractSet[int]]
+) -> frozenset[int]:
+    """Those of `remotes` that list an established connection to `name`."""
+    return frozenset([remote for remote in remotes if name in established.get(remote, _NO_LINKS)])
+
+
 def bfs_routes(
     peers: Mapping[int, Peer],
     start: int,
@@ -63,6 +94,13 @@ def bfs_routes(
     ends when that peer's turn to be expanded comes; the flag says whether it did, and the
     table holds everything discovered up to then.
     """
+    return _next_hops(peers, usable_links(peers, established_and_symmetric), start, stop_at)
+
+
+def _next_hops(
+    peers: Mapping[int, Peer], links: Links, start: int, stop_at: int | None = None
+) -> tuple[bool, dict[int, int]]:
+    """`bfs_routes` over `usable_links`."""
     routes: dict[int, int] = {start: UNKNOWN_PEER_NAME}
     layer = [start]
     while layer:
@@ -70,14 +108,17 @@ def bfs_routes(
         for current in sorted(layer):
             if current == stop_at:
                 return True, routes
-            peer = peers.get(current)
-            if peer is None:
+            fresh = links.get(current, _NO_LINKS).difference(routes)
+            if not fresh:
                 continue
-            for remote in connected_peers(peers, peer, established_and_symmetric):
-                if remote in routes:
-                    continue
-                routes[remote] = remote if current == start else routes[current]
-                following.append(remote)
+            # Entered in the order `current` lists them, as a search walking its
+            # connections would: the table's iteration order stays the same too.
+            found = [remote for remote in peers[current].connections if remote in fresh]
+            if current == start:  # start's neighbours are their own next hops
+                routes.update(zip(found, found, strict=True))
+            else:
+                routes.update(dict.fromkeys(found, routes[current]))
+            following += found
         layer = following
     return False, routes
 
@@ -90,28 +131,49 @@ def broadcast_hops(
     Run the origin's search until it reaches us: our neighbours it has not already
     reached are ours to serve. With a stable topology every peer gets each broadcast once.
     """
-    if origin not in peers:
-        return []
-    found, reached = bfs_routes(peers, origin, established_and_symmetric, stop_at=ourself)
-    me = peers.get(ourself)
-    if not found or me is None:
-        return []
-    return sorted(n for n in connected_peers(peers, me, established_and_symmetric) if n not in reached)
+    links = usable_links(peers, established_and_symmetric)
+    return _broadcast_tree(links, origin, stop_at=ourself).get(ourself, [])
+
+
+def _broadcast_tree(links: Links, origin: int, stop_at: int | None = None) -> dict[int, list[int]]:
+    """{peer: its `broadcast_hops` for `origin`} for every peer that has some.
+
+    When the origin's search expands a peer, the neighbours it has not reached yet are
+    exactly that peer's hops, so one search serves every peer (up to `stop_at`). A peer
+    we hold no entry for has no links, which covers an unknown origin or peer.
+    """
+    children: dict[int, list[int]] = {}
+    reached = {origin}
+    layer = [origin]
+    while layer:
+        following: list[int] = []
+        for current in sorted(layer):
+            mine = links.get(current, _NO_LINKS)
+            if not reached.issuperset(mine):  # cheaper than a difference that is mostly empty
+                fresh = mine - reached
+                children[current] = sorted(fresh)
+                reached |= fresh
+                following += fresh
+            if current == stop_at:
+                return children
+        layer = following
+    return children
 
 
 class Routes:
     """All routing tables for one peer, computed from one snapshot of the topology.
 
-    Broadcast hops are computed on first use per origin and cached.
+    Both flavours of links are collected once; broadcast hops per origin, and for
+    `broadcast_via` the origin's whole tree, are computed on first use and cached.
     """
 
     def __init__(self, ourself: int, peers: Mapping[int, Peer]) -> None:
         self._ourself = ourself
-        self._peers = dict(peers)
-        self.unicast: Mapping[int, int] = bfs_routes(self._peers, ourself, True)[1]
-        self.unicast_all: Mapping[int, int] = bfs_routes(self._peers, ourself, False)[1]
+        self._links = {flavour: usable_links(peers, flavour) for flavour in (True, False)}
+        self.unicast: Mapping[int, int] = _next_hops(peers, self._links[True], ourself)[1]
+        self.unicast_all: Mapping[int, int] = _next_hops(peers, self._links[False], ourself)[1]
         self._broadcast: dict[tuple[int, bool], list[int]] = {}
-        self._via: dict[tuple[int, int], list[int]] = {}
+        self._via: dict[int, dict[int, list[int]]] = {}
 
     @classmethod
     def compute(cls, view: TopologyView) -> Routes:
@@ -136,12 +198,10 @@ class Routes:
     def broadcast_via(self, hop: int, origin: int) -> list[int]:
         """Where neighbour `hop` passes on a data broadcast from `origin`: its children in
         origin's tree (used when the hop itself is reached another way, e.g. the kernel)."""
-        key = (origin, hop)
-        hops = self._via.get(key)
-        if hops is None:
-            hops = broadcast_hops(self._peers, hop, origin, True)
-            self._via[key] = hops
-        return hops
+        tree = self._via.get(origin)
+        if tree is None:
+            tree = self._via[origin] = _broadcast_tree(self._links[True], origin)
+        return tree.get(hop, [])
 
     def broadcast_all(self, origin: int) -> list[int]:
         """Where to send a gossip broadcast from `origin` (any link)."""
@@ -151,8 +211,9 @@ class Routes:
         key = (origin, established_and_symmetric)
         hops = self._broadcast.get(key)
         if hops is None:
-            hops = broadcast_hops(self._peers, self._ourself, origin, established_and_symmetric)
-            self._broadcast[key] = hops
+            # The search can stop once it has expanded us.
+            tree = _broadcast_tree(self._links[established_and_symmetric], origin, stop_at=self._ourself)
+            hops = self._broadcast[key] = tree.get(self._ourself, [])
         return hops
 
     def random_neighbours(self, exclude: int | None, rng: random.Random) -> list[int]:

@@ -26,9 +26,14 @@ BACKOFF_FACTOR = 1.5
 MAX_INTERVAL = 360.0
 # A connection that lived this long before failing is retried at once.
 LONG_LIVED = 60.0
-# How long a deferred discovered target waits for the peer to dial us instead.
-DISCOVERY_DEFER = 1.0
+# How long a deferred discovered target waits for the peer to dial us instead: enough for
+# gossip to tell that peer about us (up to a second per hop in a big mesh) and for its
+# handshake on a busy host.
+DISCOVERY_DEFER = 3.0
 DEFAULT_PORT = 6783
+# A target skipped because its host already has a connection to us is looked at again
+# after this long (the connection may be a handshake that fails).
+BUSY_HOST_RECHECK = 1.0
 
 
 class TargetState(enum.Enum):
@@ -133,9 +138,11 @@ class ConnectionMaker:
         for addr, target in self._targets.items():
             if target.state in (TargetState.CONNECTING, TargetState.CONNECTED):
                 continue
-            if addr in connected:
-                continue
-            if addr.rpartition(":")[0] in skip_hosts and addr.endswith(f":{DEFAULT_PORT}"):
+            if addr in connected or (
+                addr.rpartition(":")[0] in skip_hosts and addr.endswith(f":{DEFAULT_PORT}")
+            ):
+                # Look again later, not at once: the caller sleeps until next_wakeup().
+                target.try_after = max(target.try_after, now + BUSY_HOST_RECHECK)
                 continue
             if target.try_after <= now:
                 target.state = TargetState.CONNECTING

@@ -22,7 +22,22 @@ from types import MappingProxyType
 from typing import Any
 
 from router.errors import GobError, ProtocolError, WireError
-from router.gob import BOOL, BYTES, STRING, UINT, Decoder, Encoder, Field, GobType, SliceType, StructType
+from router.gob import (
+    BOOL,
+    BYTES,
+    STRING,
+    UINT,
+    Builtin,
+    Decoder,
+    Encoder,
+    Field,
+    GobType,
+    SliceType,
+    StructType,
+    WireDef,
+    decode_int,
+    decode_uint,
+)
 from router.peername import format_peer_name, peer_name_to_bytes
 
 log = logging.getLogger(__name__)
@@ -177,17 +192,24 @@ def _name_from_gob(raw: Any, owner: int | None = None) -> int:
 
 
 def _peer_from_gob(raw: Mapping[str, Any]) -> PeerSummary:
-    name = _name_from_gob(raw["NameByte"])
-    short_id = raw["ShortID"]
+    return _peer_summary(
+        raw["NameByte"], raw["NickName"], raw["UID"], raw["Version"], raw["ShortID"], raw["HasShortID"]
+    )
+
+
+def _peer_summary(
+    name_raw: Any, nickname: str, uid: int, version: int, short_id: int, has_short_id: bool
+) -> PeerSummary:
+    name = _name_from_gob(name_raw)
     if short_id > MAX_SHORT_ID:
         raise WireError(
             f"topology: peer {format_peer_name(name)} has ShortID {short_id}, above the {SHORT_ID_BITS}-bit "
             f"maximum {MAX_SHORT_ID}"
         )
-    for key in ("UID", "Version"):
-        if raw[key] > _MAX_UINT64:
-            raise WireError(f"topology: peer {format_peer_name(name)} {key} {raw[key]} overflows uint64")
-    return PeerSummary(name, raw["NickName"], raw["UID"], raw["Version"], short_id, raw["HasShortID"])
+    for key, value in (("UID", uid), ("Version", version)):
+        if value > _MAX_UINT64:
+            raise WireError(f"topology: peer {format_peer_name(name)} {key} {value} overflows uint64")
+    return PeerSummary(name, nickname, uid, version, short_id, has_short_id)
 
 
 def _conn_from_gob(raw: Mapping[str, Any], owner: int) -> ConnectionSummary:
@@ -206,6 +228,9 @@ def decode_topology_lazily(payload: bytes) -> list[tuple[PeerSummary, Callable[[
     Most summaries in gossip are not news, and their connection lists (the bulk of a
     payload) never need decoding. Bad input raises WireError, from here or the function.
     """
+    fast = _decode_known_layout(payload)
+    if fast is not None:
+        return fast
     dec = Decoder(payload)
     out: list[tuple[PeerSummary, Callable[[], list[ConnectionSummary]]]] = []
     while not dec.at_end:
@@ -230,6 +255,183 @@ def _decode_conns(dec: Decoder, mark: int, owner: int) -> list[ConnectionSummary
     except GobError as exc:
         raise GobError(f"topology: bad connection list of {format_peer_name(owner)}: {exc}") from None
     return [_conn_from_gob(c, owner) for c in raw_conns]
+
+
+# The fast path. Every topology payload, from pyweave or from Weave, is laid out the same
+# way: peerSummary definitions, a summary, the connection list's definitions, a list,
+# then summaries and lists alternating with no more definitions. The definitions differ
+# only in their type ids (Go numbers types per process), so a payload's definitions are
+# parsed once per distinct byte string and its values are then read by the hand-written
+# readers below; the generic decoder would parse the definitions and compile readers for
+# every payload, which made topology gossip the largest CPU cost of a forming mesh.
+# Anything else (other definitions, fields we don't know, bad bytes) goes the generic
+# way, which gives the precise error.
+
+_Fields = tuple[tuple[int, int], ...]  # per wire field number: (our field's index, builtin id)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    peer_id: int
+    list_id: int
+    peer_fields: _Fields
+    conn_fields: _Fields
+
+
+_LAYOUTS: dict[tuple[bytes, bytes, int, int], _Layout | None] = {}
+_MAX_LAYOUTS = 64
+
+
+def _decode_known_layout(
+    payload: bytes,
+) -> list[tuple[PeerSummary, Callable[[], list[ConnectionSummary]]]] | None:
+    """The entries of a payload in the usual layout, or None to take the generic way."""
+    try:
+        pos, peer_id, peer_body, peer_end = _after_definitions(payload, 0)
+        peer_defs = payload[:pos]
+        if peer_end >= len(payload):
+            return None
+        pos, list_id, list_body, list_end = _after_definitions(payload, peer_end)
+        layout = _layout(peer_defs, payload[peer_end:pos], peer_id, list_id)
+        if layout is None:
+            return None
+        out: list[tuple[PeerSummary, Callable[[], list[ConnectionSummary]]]] = []
+        while True:
+            peer = _read_peer(payload, peer_body, peer_end, layout.peer_fields)
+            conns: Callable[[], list[ConnectionSummary]]
+            conns = functools.partial(
+                _read_conns, payload, list_body, list_end, layout.conn_fields, peer.name
+            )
+            out.append((peer, conns))
+            if list_end >= len(payload):
+                return out
+            type_id, peer_body, peer_end = _message(payload, list_end)
+            if type_id != peer_id or peer_end >= len(payload):
+                return None
+            type_id, list_body, list_end = _message(payload, peer_end)
+            if type_id != list_id:
+                return None
+    except (GobError, WireError):
+        return None
+
+
+def _message(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """(type id, start of body, end) of the gob message at `pos`."""
+    length, start = decode_uint(buf, pos)
+    end = start + length
+    if length == 0 or end > len(buf):
+        raise GobError("bad gob message length")
+    type_id, body = decode_int(buf, start, end)
+    return type_id, body, end
+
+
+def _after_definitions(buf: bytes, pos: int) -> tuple[int, int, int, int]:
+    """Skip definition messages from `pos`: (start, type id, body, end) of the value after them."""
+    while True:
+        type_id, body, end = _message(buf, pos)
+        if type_id > 0:
+            return pos, type_id, body, end
+        if type_id == 0:
+            raise GobError("gob message with type id 0")
+        pos = end
+
+
+def _layout(peer_defs: bytes, list_defs: bytes, peer_id: int, list_id: int) -> _Layout | None:
+    key = (peer_defs, list_defs, peer_id, list_id)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    layout = None
+    try:
+        types = Decoder(peer_defs + list_defs).read_definitions()
+    except GobError:
+        types = {}
+    listed = types.get(list_id)
+    if listed is not None and listed.kind == "slice":
+        peer_fields = _field_slots(types.get(peer_id), PEER_SUMMARY)
+        conn_fields = _field_slots(types.get(listed.elem), CONN_SUMMARY)
+        if peer_fields is not None and conn_fields is not None:
+            layout = _Layout(peer_id, list_id, peer_fields, conn_fields)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = layout
+    return layout
+
+
+def _field_slots(wire: WireDef | None, local: StructType) -> _Fields | None:
+    if wire is None or wire.kind != "struct":
+        return None
+    ours = {f.name: (i, f.type.id) for i, f in enumerate(local.fields) if isinstance(f.type, Builtin)}
+    slots = []
+    for name, type_id in wire.fields:
+        slot = ours.get(name)
+        if slot is None or slot[1] != type_id:
+            return None
+        slots.append(slot)
+    return tuple(slots)
+
+
+def _read_fields(buf: bytes, pos: int, end: int, fields: _Fields, values: list[Any]) -> int:
+    """Read one struct's fields into `values`; returns the position after its end marker."""
+    # Deltas, flags, counts and lengths are almost always one byte: read those inline.
+    num = -1
+    while True:
+        if pos >= end:
+            raise GobError("truncated struct")
+        delta = buf[pos]
+        if delta < 0x80:
+            pos += 1
+        else:
+            delta, pos = decode_uint(buf, pos, end)
+        if delta == 0:
+            return pos
+        num += delta
+        if num >= len(fields):
+            raise GobError(f"gob field number {num} out of bounds")
+        slot, kind = fields[num]
+        if pos >= end:
+            raise GobError("truncated struct")
+        value = buf[pos]
+        if value < 0x80:
+            pos += 1
+        else:
+            value, pos = decode_uint(buf, pos, end)
+        if kind == _UINT_ID:
+            values[slot] = value
+        elif kind == _BOOL_ID:
+            values[slot] = value != 0
+        else:
+            if value > end - pos:
+                raise GobError(f"gob byte string of length {value} exceeds the {end - pos} bytes left")
+            raw = buf[pos : pos + value]
+            values[slot] = raw if kind == _BYTES_ID else raw.decode("utf-8", "surrogateescape")
+            pos += value
+
+
+_UINT_ID, _BOOL_ID, _BYTES_ID = UINT.id, BOOL.id, BYTES.id
+
+
+def _read_peer(buf: bytes, pos: int, end: int, fields: _Fields) -> PeerSummary:
+    values: list[Any] = [b"", "", 0, 0, 0, False]
+    _read_fields(buf, pos, end, fields, values)
+    return _peer_summary(*values)
+
+
+def _read_conns(buf: bytes, pos: int, end: int, fields: _Fields, owner: int) -> list[ConnectionSummary]:
+    try:
+        marker, pos = decode_uint(buf, pos, end)
+        if marker != 0:
+            raise GobError("non-zero delta for singleton: top-level value lacks its 00 marker")
+        count, pos = decode_uint(buf, pos, end)
+        if count > end - pos:
+            raise GobError(f"gob slice count {count} exceeds the {end - pos} bytes left")
+        out = []
+        for _ in range(count):
+            values: list[Any] = [b"", "", False, False]
+            pos = _read_fields(buf, pos, end, fields, values)
+            out.append(ConnectionSummary(_name_from_gob(values[0], owner), values[1], values[2], values[3]))
+        return out
+    except GobError as exc:
+        raise GobError(f"topology: bad connection list of {format_peer_name(owner)}: {exc}") from None
 
 
 # ---------------------------------------------------------------- the model

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+from collections.abc import Sequence
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -56,7 +59,11 @@ async def start_sleeve(cfg: RouterConfig, mesh: Mesh) -> SleeveOverlay:
     return SleeveOverlay(mesh, datapath, cfg.port)
 
 
-async def run(cfg: RouterConfig) -> None:
+async def run(
+    cfg: RouterConfig, listeners: Sequence[socket.socket] = (), ready_fd: int | None = None
+) -> None:
+    """The daemon. `listeners` are mesh sockets bound by `weave launch`; `ready_fd` is a
+    pipe to write one byte to once the API answers."""
     mesh = Mesh(mesh_config(cfg))
     sleeve = await start_sleeve(cfg, mesh)
     fastdp = FastdpService(mesh.name, cfg.bridge, cfg.mtu, cfg.port + 1) if cfg.fastdp else None
@@ -99,12 +106,18 @@ async def run(cfg: RouterConfig) -> None:
         mesh.config.overlays = overlay.overlays()
         if ipam is not None:
             await nursery.start(ipam.run)
-        await nursery.start(mesh.run)
+        await nursery.start(mesh.run, listeners)
         await nursery.start(dns.run)
         await nursery.start(attacher.watch)
         await nursery.start(serve, app, http)
         (cfg.state_dir / "weaver.ready").write_text(str(os.getpid()))
-        log.info("weaver ready: API on http://%s", cfg.http_addr)
+        if ready_fd is not None:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+        gc.freeze()  # start-up's objects live as long as the daemon: no GC passes over them
+        gc.enable()
+        cpu = time.process_time()
+        log.info("weaver ready: API on http://%s (%.2f s CPU since start)", cfg.http_addr, cpu)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -113,7 +126,9 @@ async def run(cfg: RouterConfig) -> None:
         nursery.cancel_scope.cancel()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, *, listeners: Sequence[socket.socket] = (), ready_fd: int | None = None
+) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
@@ -126,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     (cfg.state_dir / "weaver.ready").unlink(missing_ok=True)
     try:
-        trio.run(run, cfg)
+        trio.run(run, cfg, listeners, ready_fd)
     except IpamConfigError as exc:
         log.error("cannot start: %s", exc)
         print(f"weaver: {exc}", file=sys.stderr)

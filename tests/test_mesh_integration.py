@@ -143,6 +143,36 @@ def test_three_hosts_form_a_full_mesh(testbed: Callable[[int], Testbed]) -> None
         assert f"({nick})" in peers
 
 
+def test_launch_fails_clearly_and_starts_once_the_cause_is_gone(testbed: Callable[[int], Testbed]) -> None:
+    tb = testbed(1)
+    (h1,) = tb.hosts
+    bad_flag = weave(h1, "launch", "--no-such-flag", check=False)
+    assert "weave router started" not in bad_flag
+
+    def refused(*args: str) -> str:
+        res = h1.run(["weave", "launch", *args], env=h1.env, check=False, timeout=60)
+        assert res.returncode != 0, res.stdout
+        return res.stderr
+
+    assert "--no-such-flag" in refused("--no-such-flag")
+    # Something else holds TCP 6783.
+    h1.spawn([sys.executable, "-c", "import socket, time\n"
+                       "s = socket.create_server(('0.0.0.0', 6783))\nprint('listening', flush=True)\ntime.sleep(60)"],
+                      "holder")
+    wait_for(lambda: "listening" in h1.log_path("holder").read_text(), "the port holder", hosts=[])
+    assert "TCP port 6783 is already in use" in refused()
+    h1.stop("holder")
+    # A router that dies while starting: a non-bridge link already has the bridge's name.
+    h1.run(["ip", "link", "add", "weave", "type", "veth", "peer", "name", "weave-peer"])
+    message = refused()
+    assert re.search(r"the router exited \(code [1-9]\d*\)", message), message
+    assert "weave" in message.split("exited", 1)[1]  # the log's last lines say why
+    assert weave(h1, "status", check=False) == "" or "not running" in weave(h1, "status", check=False)
+    h1.run(["ip", "link", "del", "weave"])
+    launch(h1)
+    assert "Peers: 1" in weave(h1, "status")
+
+
 def test_five_hosts_in_a_line_become_a_full_mesh(testbed: Callable[[int], Testbed]) -> None:
     tb = testbed(5)
     hosts = tb.hosts

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from router.protocol import Tag
 from sleeve.link import (
     FAST_HEARTBEAT,
+    FIRST_RETRY,
     HEARTBEAT_TIMEOUT,
     SLOW_HEARTBEAT,
     Established,
@@ -27,12 +30,18 @@ def frames(actions: list, kind: SpecialFrame | None = None) -> list[SendFrame]:
     return [a for a in actions if isinstance(a, SendFrame) and (kind is None or classify_special(a.frame) is kind)]
 
 
-def test_outbound_side_heartbeats_at_once_and_every_half_second() -> None:
+def test_outbound_side_heartbeats_at_once_then_sooner_retries_then_every_half_second() -> None:
     link = SleeveLink(UID, True, ADDR, False, now=0.0)
     beats = frames(link.tick(0.0), SpecialFrame.HEARTBEAT)
     assert len(beats) == 1 and heartbeat_conn_uid(beats[0].frame) == UID
-    assert frames(link.tick(0.2)) == []
-    assert len(frames(link.tick(FAST_HEARTBEAT), SpecialFrame.HEARTBEAT)) == 1
+    sent = [0.0]
+    while sent[-1] < 3.0:
+        t = link.next_deadline()
+        assert len(frames(link.tick(t), SpecialFrame.HEARTBEAT)) == 1
+        sent.append(t)
+    gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    expected = [FIRST_RETRY, 2 * FIRST_RETRY, 4 * FIRST_RETRY, 8 * FIRST_RETRY] + [FAST_HEARTBEAT] * (len(gaps) - 4)
+    assert gaps == pytest.approx(expected)
 
 
 def test_inbound_side_waits_for_a_heartbeat_then_answers_and_acks() -> None:

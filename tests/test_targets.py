@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from router.targets import (
     BACKOFF_FACTOR,
+    BUSY_HOST_RECHECK,
     DISCOVERY_DEFER,
     INITIAL_INTERVAL,
     LONG_LIVED,
@@ -96,6 +97,10 @@ def test_due_skips_addresses_already_connected_and_inbound_hosts() -> None:
     assert due == ["10.0.0.3:7000"]
     assert _target(maker, A).state is TargetState.WAITING
     assert _target(maker, B).state is TargetState.WAITING
+    # Skipped targets are looked at again later, not in a busy loop.
+    assert maker.next_wakeup() == BUSY_HOST_RECHECK
+    assert maker.due(0.5) == []
+    assert sorted(maker.due(BUSY_HOST_RECHECK)) == [A, B]
 
 
 # ---------------------------------------------------------------- backoff

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from router import topology
 from router.errors import GobError, ProtocolError, WireError
 from router.gob import BOOL, BYTES, STRING, UINT, Encoder, Field, SliceType, StructType
 from router.topology import (
@@ -204,6 +206,51 @@ def test_corrupted_payload_raises_only_wire_errors(entries: list, data: st.DataO
         decode_topology(bytes(payload))
     except WireError:
         pass
+
+
+def generic_decode(payload: bytes) -> list:
+    """decode_topology without the fast path for the usual layout."""
+    with mock.patch.object(topology, "_decode_known_layout", lambda _: None):
+        return decode_topology(payload)
+
+
+def outcome(decode, payload: bytes) -> object:  # noqa: ANN001
+    try:
+        return decode(payload)
+    except WireError:
+        return WireError
+
+
+@given(topologies, st.sampled_from([None, 65, 75, 300]))
+def test_usual_layout_takes_the_fast_path(entries: list, first: int | None) -> None:
+    ids = None if first is None else {PEER_SUMMARY: first + 10, CONN_SUMMARY: first, CONN_LIST: first + 1}
+    payload = encode_topology(entries, ids)
+    fast = topology._decode_known_layout(payload)
+    if not entries:
+        assert fast is None and decode_topology(payload) == []
+        return
+    assert fast is not None
+    assert [(peer, conns()) for peer, conns in fast] == entries == generic_decode(payload)
+
+
+@given(topologies, st.data())
+def test_fast_path_agrees_with_the_generic_decoder_on_damaged_payloads(entries: list, data: st.DataObject) -> None:
+    payload = bytearray(encode_topology(entries))
+    if not payload:
+        return
+    for _ in range(data.draw(st.integers(1, 4))):
+        payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(payload)))
+    for damaged in (bytes(payload), bytes(payload[:cut])):
+        assert outcome(decode_topology, damaged) == outcome(generic_decode, damaged)
+
+
+def test_unknown_fields_take_the_generic_way() -> None:
+    newer = StructType("peerSummary", PEER_SUMMARY.fields + (Field("Extra", UINT),))
+    enc = Encoder()
+    payload = enc.encode({"NameByte": bytes(5) + b"\x07", "UID": 9, "Extra": 5}, newer) + enc.encode([], CONN_LIST)
+    assert topology._decode_known_layout(payload) is None
+    assert decode_topology(payload) == [(PeerSummary(7, uid=9), [])]
 
 
 # ---------------------------------------------------------------- merge rules

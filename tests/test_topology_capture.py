@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 
+from router import topology
 from router.gob import STRING_MAP, Decoder, decode_int, decode_uint
 from router.peername import parse_peer_name
 from router.protocol import GOSSIP_TAGS, FrameReader, decode_gossip, split_message
@@ -131,6 +133,15 @@ def test_golden_payload_reencodes_byte_identically() -> None:
     ids = {PEER_SUMMARY: 75, CONN_SUMMARY: 76, CONN_LIST: 77}
     assert sender_type_ids(first.payload) == ids
     assert encode_topology(entries, ids) == first.payload
+
+
+def test_captured_payloads_take_the_fast_path(capture: tuple[str, list[Captured]]) -> None:
+    for msg in capture[1]:
+        fast = topology._decode_known_layout(msg.payload)
+        assert fast is not None
+        with mock.patch.object(topology, "_decode_known_layout", lambda _: None):
+            generic = decode_topology(msg.payload)
+        assert [(peer, conns()) for peer, conns in fast] == generic
 
 
 def test_every_captured_payload_round_trips(capture: tuple[str, list[Captured]]) -> None:
