@@ -229,12 +229,7 @@ def _run(
     def launch(host: Host) -> None:
         argv = ["weave", "launch", "--nickname", host.name] + ([seed] if host is not hosts[0] else [])
         try:
-            env = dict(host.env)
-            if os.environ.get("PROFDIR") and host.name in ("host1", "host13", "host25"):
-                env["PYWEAVE_PROFILE"] = f"{os.environ['PROFDIR']}/{host.name}.prof"
-            if os.environ.get("TASKPROF"):
-                env["PYWEAVE_TASKPROF"] = f"{os.environ['TASKPROF']}/{host.name}.json"
-            host.run(argv, env=env, timeout=120)
+            host.run(argv, env=host.env, timeout=120)
             launched[host.name] = time.monotonic() - start
         except CommandError as exc:
             errors.append(f"{host.name}: {exc}")
