@@ -126,6 +126,12 @@ def mesh_state(reports: list[dict[str, Any]], n: int) -> tuple[bool, bool, int]:
     return all_links, full and all_links, links_up
 
 
+def shows_full_mesh(rep: dict[str, Any], n: int) -> bool:
+    """One router's report lists n peers, each with an established connection to every other."""
+    names = {p["Name"] for p in rep["Peers"]}
+    return len(names) == n and all(_established(rep, name) >= names - {name} for name in names)
+
+
 _LINK_EVENT = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO router\.mesh: connection (?:to|from) "
     r"([0-9a-f:]{17})\(.*\) at (\S+) (established|closed)"
@@ -261,15 +267,23 @@ def _run(
                 links_at = max(log_.complete_since for log_ in logs) - result["start_unix"]
                 break
             time.sleep(LOG_POLL)
+        # A router whose report showed the full mesh keeps showing it while every link
+        # stays up (the logs say so), so only the others are asked again.
+        shown: set[int] = set()
         while links_at is not None and time.monotonic() - start < timeout:
-            polled = list(pool.map(report, clients))
-            reports = [r for r in polled if r is not None]
-            if len(reports) == n and mesh_state(reports, n)[1]:
+            waiting = [i for i in range(n) if i not in shown]
+            for i, rep in zip(waiting, pool.map(lambda i: report(clients[i]), waiting), strict=True):
+                if rep is not None and shows_full_mesh(rep, n):
+                    shown.add(i)
+            if sum(log_.update() for log_ in logs) != n * (n - 1):
+                shown.clear()  # a link went down meanwhile: start over
+            elif len(shown) == n:
                 converged_at = time.monotonic() - start
                 cpu_end = machine_cpu()
                 result["machine_cpu_s"] = {
                     k: round(cpu_end[k] - cpu_start[k], 2) for k in ("user", "system", "softirq", "idle")
                 }
+                reports = [r for r in pool.map(report, clients) if r is not None]
                 # Targets still shown as retrying/connecting though the peer is connected.
                 result["stale_target_entries"] = sum(
                     1 for r in reports for c in r["Connections"] if c["State"] != "established"

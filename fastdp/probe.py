@@ -61,8 +61,6 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-
 from fastdp.vxlan import (
     AF_BRIDGE,
     DEFAULT_BRIDGE,
@@ -75,6 +73,7 @@ from fastdp.vxlan import (
     open_ipr,
 )
 from router.errors import WireError
+from router.netlink import NetlinkError
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from fastdp import vxlan
 from fastdp.health import (
@@ -46,6 +45,7 @@ from fastdp.probe import (
     heartbeat_frame_size,
     probe_mac,
 )
+from router.netlink import NetlinkError
 from router.peername import format_peer_name
 
 log = logging.getLogger(__name__)
@@ -400,38 +400,52 @@ class FastdpService:
 
     # -- the kernel's forwarding database
 
-    def _next_fdb_change(self) -> tuple[str, str, int] | None:
-        """The first difference between the kernel's peer entries and the healthy links."""
+    def _fdb_changes(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """(removals, additions) of (ip, peer) that make the kernel's peer entries match
+        the healthy links."""
         want = {rec.ip: rec.peer for rec in self._peers.values() if rec.health.healthy}
-        for ip, peer in self._installed.items():
-            if want.get(ip) != peer:
-                return "remove", ip, peer
-        for ip, peer in want.items():
-            if ip not in self._installed:
-                return "add", ip, peer
-        return None
+        removals = [(ip, peer) for ip, peer in self._installed.items() if want.get(ip) != peer]
+        additions = [(ip, peer) for ip, peer in want.items() if ip not in self._installed]
+        return removals, additions
 
     async def _kernel_loop(self) -> None:
         next_sweep = self._clock() + self.sweep_interval
         while True:
             self._kernel_wake = trio.Event()
             failed = False
-            while (change := self._next_fdb_change()) is not None:
-                what, ip, peer = change
-                try:
-                    if what == "add":
-                        await self._to_thread(vxlan.add_peer, ip, self.port, self.netns)
-                        self._installed[ip] = peer
-                    else:
+            while not failed:
+                removals, additions = self._fdb_changes()
+                if removals:
+                    ip, peer = removals[0]
+                    try:
                         await self._to_thread(vxlan.remove_peer, ip, self.port, self.netns)
-                        del self._installed[ip]
-                        self._recently_removed[ip] = (self._clock() + SWEEP_GRACE, peer)
-                except _KERNEL_ERRORS as e:
-                    self._kernel_failed(peer, f"{what} fdb entry for {ip}: {e}")
-                    failed = True
+                    except _KERNEL_ERRORS as e:
+                        self._kernel_failed(peer, f"remove fdb entry for {ip}: {e}")
+                        failed = True
+                        break
+                    del self._installed[ip]
+                    self._recently_removed[ip] = (self._clock() + SWEEP_GRACE, peer)
+                    self._kernel_ok(peer)
+                    self._report_peer(peer)
+                elif additions:
+                    # Links come up in bursts (a mesh forming): one netlink socket for all.
+                    try:
+                        outcome = await self._to_thread(
+                            vxlan.add_peers, [ip for ip, _ in additions], self.port, self.netns
+                        )
+                    except _KERNEL_ERRORS as e:
+                        outcome = {ip: e for ip, _ in additions}
+                    for ip, peer in additions:
+                        error = outcome.get(ip)
+                        if error is not None:
+                            self._kernel_failed(peer, f"add fdb entry for {ip}: {error}")
+                            failed = True
+                            continue
+                        self._installed[ip] = peer
+                        self._kernel_ok(peer)
+                        self._report_peer(peer)
+                else:
                     break
-                self._kernel_ok(peer)
-                self._report_peer(peer)
             now = self._clock()
             if not failed and now >= next_sweep:
                 next_sweep = now + self.sweep_interval

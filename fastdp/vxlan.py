@@ -26,12 +26,11 @@ import ipaddress
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+from router.netlink import IPRoute, NetlinkError
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +352,30 @@ def add_peer(ip: str, port: int = DEFAULT_PORT, netns: str | None = None) -> boo
             raise _netlink(f"adding peer {ip} to {device_name(port)}", e) from None
     log.info("fastdp peer %s added", ip)
     return True
+
+
+def add_peers(
+    ips: Sequence[str], port: int = DEFAULT_PORT, netns: str | None = None
+) -> dict[str, VxlanError | None]:
+    """`add_peer` for many peers over one netlink socket, without looking first (appending
+    an entry that is already there changes nothing). The outcome for each IP: None when
+    its entry is in place."""
+    checked = [_check_ip(ip) for ip in ips]
+    outcome: dict[str, VxlanError | None] = {}
+    with open_ipr(netns) as ipr:
+        index = _device(ipr, port)
+        for ip in checked:
+            try:
+                ipr.neigh("append", family=AF_BRIDGE, ifindex=index, lladdr=ZERO_MAC, dst=ip,
+                          state=NUD_NOARP | NUD_PERMANENT, flags=NTF_SELF)
+            except NetlinkError as e:
+                outcome[ip] = _netlink(f"adding peer {ip} to {device_name(port)}", e)
+            else:
+                outcome[ip] = None
+    added = [ip for ip, error in outcome.items() if error is None]
+    if added:
+        log.info("fastdp peer%s %s added", "s" if len(added) > 1 else "", ", ".join(added))
+    return outcome
 
 
 def remove_peer(ip: str, port: int = DEFAULT_PORT, netns: str | None = None) -> int:

@@ -130,12 +130,21 @@ class SqliteStore:
             # The allocator is single-threaded, but a service may run it in a worker thread.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS owned ("
-                " ident TEXT PRIMARY KEY, is_container INTEGER NOT NULL, cidrs TEXT NOT NULL)"
-            )
-            self._check_version()
+            # One transaction (one round of fsyncs) for a new database's schema.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)"
+                )
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS owned ("
+                    " ident TEXT PRIMARY KEY, is_container INTEGER NOT NULL, cidrs TEXT NOT NULL)"
+                )
+                self._check_version()
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open IPAM database {self.path}: {exc}") from None
 

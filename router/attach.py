@@ -246,7 +246,7 @@ class Attacher:
 
 
 def _link_names() -> set[str]:
-    from pyroute2 import IPRoute
+    from router.netlink import IPRoute
 
     with IPRoute() as ipr:
         return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
@@ -254,7 +254,7 @@ def _link_names() -> set[str]:
 
 def _apply_dns_routes(config: Any) -> None:
     """In the container's netns: the route and fixed neighbour for the DNS address."""
-    from pyroute2 import IPRoute
+    from router.netlink import IPRoute
 
     with IPRoute() as ipr:
         for r in config.routes:

@@ -31,8 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from router.netlink import IPRoute, NetlinkError
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from router.bridge import (
     CONTAINER_VETH_PREFIX,
     DEFAULT_BRIDGE,
@@ -56,6 +54,7 @@ from router.bridge import (
     run_in_netns,
     set_tx_checksum,
 )
+from router.netlink import NetlinkError
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ def remove_nat() -> None:
 
 
 def _bridge_addresses(bridge: str) -> list[ipaddress.IPv4Interface]:
-    from pyroute2 import IPRoute
+    from router.netlink import IPRoute
 
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=bridge)
@@ -64,8 +64,7 @@ def _bridge_addresses(bridge: str) -> list[ipaddress.IPv4Interface]:
 
 
 def _set_address(bridge: str, iface: ipaddress.IPv4Interface, add: bool) -> None:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    from router.netlink import IPRoute, NetlinkError
 
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=bridge)[0]

@@ -23,7 +23,7 @@ import random
 import secrets
 import socket
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -36,7 +36,7 @@ from router.peername import format_peer_name
 from router.protocol import GossipMessage, Tag, decode_gossip, encode_gossip, encode_message, split_message
 from router.routes import Routes
 from router.surrogate import SurrogateGossiper
-from router.targets import ConnectionMaker, normalise_address
+from router.targets import ConnectionMaker, discovery_delay, normalise_address
 from router.topology import Peers, choose_short_id
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,10 @@ class Mesh:
         # What other threads (the data path) read: replaced whole, never computed there.
         self.data_routes = Routes.compute(self.peers)
         self.maker = ConnectionMaker(rng=self.rng, discovery=config.discovery)
+        # For discovery's choice of who dials: when our first connection came up, and
+        # when each peer entered our topology.
+        self._joined_at: float | None = None
+        self._first_seen: dict[int, float] = {}
         self.connections: dict[int, Connection] = {}
         self.all_connections: set[Connection] = set()
         self.channels: dict[str, Gossiper] = {}
@@ -324,11 +328,20 @@ class Mesh:
         return found
 
     def _update_discovered(self, now: float) -> dict[str, int]:
-        """Tell the connection maker what gossip suggests; lower-named peers can wait for
-        the higher-named one to dial (see router.targets)."""
+        """Tell the connection maker what gossip suggests; peers that joined after us are
+        left to dial us first (see router.targets)."""
         found = self._discovered()
-        self.maker.set_discovered(set(found), now, defer={a for a, n in found.items() if n < self.name})
+        delays = {
+            addr: discovery_delay(peer, self.name, self._first_seen.get(peer), self._joined_at)
+            for addr, peer in found.items()
+        }
+        self.maker.set_discovered(set(found), now, delays)
         return found
+
+    def _seen(self, names: Iterable[int]) -> None:
+        now = trio.current_time()
+        for name in names:
+            self._first_seen.setdefault(name, now)
 
     async def _maker_loop(self) -> None:
         while True:
@@ -493,6 +506,9 @@ class Mesh:
         known = self.peers.get(remote.name)
         restarted = known is not None and known.uid not in (0, remote.uid)
         new = self.peers.register_remote(remote.name, remote.nickname, remote.uid, remote.short_id)
+        if self._joined_at is None:
+            self._joined_at = trio.current_time()
+        self._seen([remote.name])
         self.peers.add_connection(remote.name, conn.address, conn.outbound, established=False)
         self.connections[remote.name] = conn
         self._topology_changed({self.name, remote.name})
@@ -748,6 +764,7 @@ class Mesh:
             self._routes = None
             self._topology_event.set()  # the flusher recomputes the data path's routes
             self._maker_event.set()
+        self._seen(result.new)
         fresh = result.new | result.restarted
         if fresh:
             now = trio.current_time()
@@ -784,6 +801,8 @@ class Mesh:
         if not removed:
             return
         names = [p.name for p in removed]
+        for name in names:
+            self._first_seen.pop(name, None)
         log.info("peers left the topology: %s", ", ".join(format_peer_name(n) for n in names))
         for callback in self.on_peers_removed:
             callback(names)

@@ -29,7 +29,7 @@ def parse_peer_name(text: str) -> int:
 def format_peer_name(name: int) -> str:
     if not 0 <= name <= _MAX:
         raise WireError(f"peer name {name} does not fit in 48 bits")
-    return ":".join(f"{b:02x}" for b in name.to_bytes(6, "big"))
+    return name.to_bytes(6, "big").hex(":")
 
 
 def peer_name_to_bytes(name: int) -> bytes:

@@ -8,17 +8,18 @@ once, so a mesh whose members start together converges in seconds rather than mi
 
 Two peers that learn of each other at the same moment would both dial, and one of the
 two connections is then dropped as a duplicate (a wasted handshake and two extra
-topology versions at each end). So a discovered target may be deferred: the mesh asks
-for that when the peer there has the lower name, which dials at once; we dial only if
-its connection has not arrived within DISCOVERY_DEFER seconds. Peers named on the
-command line or by `weave connect` are never deferred.
+topology versions at each end). So a discovered target may be deferred, left for the
+peer there to dial us (see `discovery_delay`): a peer that joins the mesh gets the full
+topology from its first neighbour and knows everyone at once, while the others hear of
+it through gossip, hop by hop; so the newcomer dials and the older members wait for it.
+Peers named on the command line or by `weave connect` are never deferred.
 """
 
 from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Set
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
 INITIAL_INTERVAL = 2.0
@@ -27,9 +28,13 @@ MAX_INTERVAL = 360.0
 # A connection that lived this long before failing is retried at once.
 LONG_LIVED = 60.0
 # How long a deferred discovered target waits for the peer to dial us instead: enough for
-# gossip to tell that peer about us (up to a second per hop in a big mesh) and for its
-# handshake on a busy host.
+# its handshake on a busy host. Two peers that each see the other as the newcomer wait
+# for each other; the higher-named one waits the shorter time, so it dials first.
 DISCOVERY_DEFER = 3.0
+DISCOVERY_DEFER_SHORT = 1.0
+# Peers that entered our topology this soon after our first connection came with the
+# topology we were given on joining: they were there before us.
+JOIN_GRACE = 1.0
 DEFAULT_PORT = 6783
 # A target skipped because its host already has a connection to us is looked at again
 # after this long (the connection may be a handshake that fails).
@@ -54,6 +59,19 @@ class Target:
     interval: float = INITIAL_INTERVAL
     last_error: str = ""
     connected_at: float = 0.0
+
+
+def discovery_delay(peer: int, ourself: int, first_seen: float | None, joined_at: float | None) -> float:
+    """How long to leave a discovered `peer` to dial us before we dial it.
+
+    `first_seen`: when the peer entered our topology; `joined_at`: when our first
+    connection came up. A peer that was in the mesh before we joined is dialled at once:
+    it hears of us only through gossip, later. One that came after us got our entry in
+    the topology it was given on joining, and dials us.
+    """
+    if joined_at is None or first_seen is None or first_seen <= joined_at + JOIN_GRACE:
+        return 0.0
+    return DISCOVERY_DEFER_SHORT if peer < ourself else DISCOVERY_DEFER
 
 
 def normalise_address(text: str, default_port: int = DEFAULT_PORT) -> str:
@@ -103,11 +121,13 @@ class ConnectionMaker:
 
     # -- what gossip tells us
 
-    def set_discovered(self, addresses: Set[str], now: float, defer: Set[str] = frozenset()) -> None:
+    def set_discovered(
+        self, addresses: Set[str], now: float, delays: Mapping[str, float] | None = None
+    ) -> None:
         """The addresses topology gossip suggests; stale undialled ones are dropped.
 
-        New targets among `defer` are first due DISCOVERY_DEFER s from now (the peer
-        there is expected to dial us)."""
+        A new target is first due after its entry in `delays` (the peer there is expected
+        to dial us meanwhile), at once if it has none."""
         if not self.discovery:
             addresses = set()
         for addr, target in list(self._targets.items()):
@@ -115,7 +135,7 @@ class ConnectionMaker:
                 del self._targets[addr]
         for addr in addresses:
             if addr not in self._targets:
-                delay = DISCOVERY_DEFER if addr in defer else 0.0
+                delay = delays.get(addr, 0.0) if delays else 0.0
                 self._targets[addr] = Target(addr, direct=False, try_after=now + delay)
 
     def retry_now(self, addresses: set[str], now: float) -> None:

@@ -177,6 +177,21 @@ def test_add_peer_is_idempotent_append(lone_netns: str) -> None:
 
 
 @needs_root
+def test_add_peers_appends_many_over_one_socket(lone_netns: str) -> None:
+    vxlan.ensure_vxlan(netns=lone_netns)
+    vxlan.add_peer("10.99.0.2", netns=lone_netns)
+    # One already there, two new, one twice: each ends up with exactly one entry.
+    outcome = vxlan.add_peers(["10.99.0.2", "10.99.0.3", "10.99.0.4", "10.99.0.3"], netns=lone_netns)
+    assert outcome == {"10.99.0.2": None, "10.99.0.3": None, "10.99.0.4": None}
+    entries = vxlan.fdb_entries(netns=lone_netns)
+    assert sorted(e.dst for e in entries) == ["10.99.0.2", "10.99.0.3", "10.99.0.4"]
+    assert all(e.mac == ZERO_MAC and e.static for e in entries)
+    with pytest.raises(ValueError):
+        vxlan.add_peers(["10.99.0.5", "not-an-ip"], netns=lone_netns)
+    assert vxlan.peers(netns=lone_netns) == ["10.99.0.2", "10.99.0.3", "10.99.0.4"]
+
+
+@needs_root
 def test_teardown_leaves_nothing(lone_netns: str) -> None:
     vxlan.ensure_vxlan(netns=lone_netns)
     vxlan.add_peer("10.99.0.2", netns=lone_netns)

@@ -13,11 +13,14 @@ from router.targets import (
     BACKOFF_FACTOR,
     BUSY_HOST_RECHECK,
     DISCOVERY_DEFER,
+    DISCOVERY_DEFER_SHORT,
     INITIAL_INTERVAL,
+    JOIN_GRACE,
     LONG_LIVED,
     MAX_INTERVAL,
     ConnectionMaker,
     TargetState,
+    discovery_delay,
     normalise_address,
 )
 
@@ -337,14 +340,14 @@ def test_discovery_off_ignores_gossip() -> None:
 
 def test_deferred_discovery_waits_for_the_other_side() -> None:
     maker = ConnectionMaker(rng=random.Random(1))
-    maker.set_discovered({B, C}, 10.0, defer={C})
+    maker.set_discovered({B, C}, 10.0, {C: DISCOVERY_DEFER})
     assert maker.due(10.0) == [B]
     assert maker.next_wakeup() == 10.0 + DISCOVERY_DEFER
     # The peer at C dialled us meanwhile: gossip no longer suggests C, so it is dropped.
-    maker.set_discovered({B}, 10.5, defer={C})
+    maker.set_discovered({B}, 10.5, {C: DISCOVERY_DEFER})
     assert _addresses(maker) == [B]
     # Had it not, we dial it ourselves once the deferral is over.
-    maker.set_discovered({B, C}, 11.0, defer={C})
+    maker.set_discovered({B, C}, 11.0, {C: DISCOVERY_DEFER})
     assert maker.due(11.0 + DISCOVERY_DEFER - 0.01) == []
     assert maker.due(11.0 + DISCOVERY_DEFER) == [C]
 
@@ -353,5 +356,19 @@ def test_defer_applies_to_new_discovered_targets_only() -> None:
     maker = ConnectionMaker(rng=random.Random(1))
     maker.add_direct([A], now=0.0)
     maker.set_discovered({A, B}, 0.0)
-    maker.set_discovered({A, B}, 0.0, defer={A, B})  # already known: unchanged
+    maker.set_discovered({A, B}, 0.0, {A: DISCOVERY_DEFER, B: DISCOVERY_DEFER})  # already known: unchanged
     assert sorted(maker.due(0.0)) == [A, B]
+
+
+def test_who_dials_a_discovered_peer() -> None:
+    me, lower, higher = 50, 10, 90
+    # Before we have joined, and for peers that were there when we joined: at once.
+    assert discovery_delay(lower, me, first_seen=5.0, joined_at=None) == 0.0
+    assert discovery_delay(higher, me, first_seen=None, joined_at=4.0) == 0.0
+    assert discovery_delay(higher, me, first_seen=4.0 + JOIN_GRACE, joined_at=4.0) == 0.0
+    # A newcomer knew of us on joining and dials us; if it sees us as a newcomer too,
+    # the higher-named of the two goes first.
+    late = 4.0 + JOIN_GRACE + 0.1
+    assert discovery_delay(higher, me, first_seen=late, joined_at=4.0) == DISCOVERY_DEFER
+    assert discovery_delay(lower, me, first_seen=late, joined_at=4.0) == DISCOVERY_DEFER_SHORT
+    assert DISCOVERY_DEFER_SHORT < DISCOVERY_DEFER

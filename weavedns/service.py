@@ -229,8 +229,7 @@ def apply_host_setup(setup: HostDnsSetup, netns: str | None = None) -> str:
 
     Blocking netlink: call it through trio.to_thread. Raises BridgeMissing if the bridge
     does not exist yet, OSError if the kernel refuses a step."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    from router.netlink import IPRoute, NetlinkError
 
     try:
         with IPRoute(**({"netns": netns} if netns else {})) as ipr:
@@ -257,8 +256,7 @@ def apply_host_setup(setup: HostDnsSetup, netns: str | None = None) -> str:
 
 def remove_host_setup(setup: HostDnsSetup, netns: str | None = None) -> None:
     """Undo `apply_host_setup` (for `weave reset`); missing pieces are skipped."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    from router.netlink import IPRoute, NetlinkError
 
     with IPRoute(**({"netns": netns} if netns else {})) as ipr:
         for _ in _our_rules(ipr, setup):
