@@ -1,24 +1,28 @@
 """Per-peer health of the fast data path: a sans-IO state machine driven by heartbeats.
 
 Each side of a fastdp link sends heartbeats (full-size VXLAN probe frames, see
-:mod:`fastdp.probe`) and acks every heartbeat it receives. An ack proves our heartbeat
-got there at full size and a small frame came back; a heartbeat from the peer proves
-its full-size frames reach us. A link is good when both keep arriving.
+:mod:`fastdp.probe`). A heartbeat from the peer proves its full-size frames reach us;
+proof that ours reach it comes back as an ack, or, once the link is healthy, as the echo
+of our latest heartbeat that each of the peer's heartbeats carries (half the frames). A
+link is good when both keep arriving.
 
 States::
 
     PENDING --(first ack and first peer heartbeat)--> HEALTHY       "confirmed"
     PENDING --(confirm_timeout without that)--------> UNHEALTHY     "not confirmed"
                     (and still leaves UNHEALTHY by the first exchange, like PENDING)
-    HEALTHY --(no ack or no peer heartbeat for `timeout`)--> UNHEALTHY "heartbeats lost N s ago"
+    HEALTHY --(no ack/echo or no peer heartbeat for `timeout`)--> UNHEALTHY "heartbeats lost N s ago"
     UNHEALTHY --(K consecutive acks and K consecutive peer heartbeats)--> HEALTHY "healthy again"
 
 Timing (defaults) and why:
 
-- Heartbeats every 250 ms while healthy, and `timeout` 2.0 s. The last heartbeat that
-  got through left at most one interval before the path broke, so the break is declared
-  1.75-2.0 s after it happens: within the 3 s budget with room for a stalled event loop,
-  and 8 consecutive losses are needed, so random loss does not trip it (10 % loss: 1e-8).
+- Heartbeats every 150 ms while healthy, and `timeout` 0.9 s: a break is declared 0.6-0.9 s
+  after it happens (an echo can be up to two intervals old when the path breaks), well
+  within the 3 s promised with room for a stalled event loop, and at least 4 consecutive
+  losses are needed, so random loss does not trip it. A router sends at most `budget`
+  heartbeats per second in all; with many peers intervals and timeout stretch, the
+  timeout staying within `max_timeout`. A healthy link asks for acks again whenever the
+  echoes fall half a timeout behind (a peer that heartbeats more slowly).
 - While pending, heartbeats every 100 ms: a new link is confirmed one round trip after
   both sides can exchange, plus at most 100 ms, well within 1 s.
 - While unhealthy, heartbeats every 500 ms (cheap, the path may be broken for long), and
@@ -28,10 +32,11 @@ Timing (defaults) and why:
   `flap_window` (60 s) doubles K, up to 16 (7.5 s of clean path at 500 ms), so traffic
   still moves back within 10 s of a lasting repair.
 
-Cost: every input is O(1) attribute updates on one object found by a dict lookup; 25
-peers at 4 heartbeats/s each way is ~300 calls/s. Time is passed in (`now`, monotonic
-seconds); on the wire a timestamp is ``round(now * 1e9)`` of the sender's clock and acks
-echo it unchanged, so round-trip times need no per-sequence state.
+Cost: every input is O(1) attribute updates on one object found by a dict lookup; at the
+budget of 60 heartbeats per second a healthy router handles ~120 frames per second.
+Time is passed in (`now`, monotonic seconds); on the wire a timestamp is
+``round(now * 1e9)`` of the sender's clock and acks and echoes return it unchanged, so
+round-trip times need no per-sequence state.
 """
 
 from __future__ import annotations
@@ -79,13 +84,20 @@ class HealthConfig:
 
 @dataclass(frozen=True, slots=True)
 class SendHeartbeat:
-    """Send heartbeat `seq` of `size` bytes (inner frame) to `peer`, stamped `timestamp_ns`."""
+    """Send heartbeat `seq` of `size` bytes (inner frame) to `peer`, stamped `timestamp_ns`.
+
+    It echoes the peer's latest heartbeat (`echo_seq`, 0 for none, with its timestamp and
+    how long we held it), and says whether each of ours still wants an ack."""
 
     peer: int
     conn_uid: int
     seq: int
     timestamp_ns: int
     size: int
+    echo_seq: int = 0
+    echo_timestamp_ns: int = 0
+    echo_hold_ns: int = 0
+    ack_wanted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +133,8 @@ class PeerHealth:
     """The health of the fastdp link to one peer (one mesh connection, `conn_uid`)."""
 
     __slots__ = ("peer", "conn_uid", "config", "state", "reason", "created", "since", "seq", "next_send",
-                 "last_ack_at", "last_ack_seq", "ack_streak", "last_hb_at", "last_hb_seq", "hb_streak",
-                 "rtt", "last_error", "flaps", "sent", "acked", "received", "confirmed")
+                 "last_ack_at", "last_ack_seq", "ack_streak", "last_hb_at", "last_hb_seq", "last_hb_ts",
+                 "hb_streak", "rtt", "last_error", "flaps", "sent", "acked", "received", "confirmed")
 
     def __init__(self, peer: int, conn_uid: int, now: float, config: HealthConfig | None = None) -> None:
         self.peer = peer
@@ -139,6 +151,7 @@ class PeerHealth:
         self.ack_streak = 0
         self.last_hb_at: float | None = None
         self.last_hb_seq: int | None = None
+        self.last_hb_ts = 0  # the peer's timestamp on its latest heartbeat, echoed in ours
         self.hb_streak = 0
         self.rtt: float | None = None  # smoothed round-trip time, seconds
         self.last_error: str | None = None
@@ -186,24 +199,62 @@ class PeerHealth:
             self.seq += 1
             self.sent += 1
             size = self.config.heartbeat_size
-            actions.append(SendHeartbeat(self.peer, self.conn_uid, self.seq, _ns(now), size))
+            echo_seq, hold = 0, 0
+            if self.last_hb_seq is not None and self.last_hb_at is not None:
+                echo_seq, hold = self.last_hb_seq, _ns(now - self.last_hb_at)
+            actions.append(SendHeartbeat(self.peer, self.conn_uid, self.seq, _ns(now), size,
+                                         echo_seq, self.last_hb_ts, hold, self.acks_wanted(now)))
             self.next_send += self.interval()
             if self.next_send <= now:  # we were late (stalled loop): don't send a burst to catch up
                 self.next_send = now + self.interval()
         return actions
 
-    def heartbeat_received(self, now: float, seq: int, timestamp_ns: int) -> list[Action]:
-        """The peer's heartbeat `seq` arrived: ack it, count it."""
-        actions: list[Action] = [SendAck(self.peer, self.conn_uid, seq, timestamp_ns)]
+    def acks_wanted(self, now: float) -> bool:
+        """Whether our heartbeats ask for acks. A healthy link does without: the peer's
+        heartbeats echo ours, which halves the frames. Acks come back when the echoes
+        fall behind (a peer that heartbeats more slowly than we need)."""
+        if self.state is not LinkState.HEALTHY or self.last_ack_at is None:
+            return True
+        return now - self.last_ack_at > self.config.timeout / 2
+
+    def heartbeat_received(self, now: float, seq: int, timestamp_ns: int, echo_seq: int = 0,
+                           echo_timestamp_ns: int = 0, echo_hold_ns: int = 0,
+                           ack_wanted: bool = True) -> list[Action]:
+        """The peer's heartbeat `seq` arrived: ack it if asked to, count it, and take the
+        echo of ours it carries as an ack if the link is healthy."""
+        actions: list[Action] = [SendAck(self.peer, self.conn_uid, seq, timestamp_ns)] if ack_wanted else []
         last = self.last_hb_seq
         if last is not None and seq <= last:
             return actions  # duplicate or reordered: ack it, but it proves nothing new
         self.received += 1
         self.hb_streak = self.hb_streak + 1 if last is not None and seq == last + 1 else 1
         self.last_hb_seq = seq
+        self.last_hb_ts = timestamp_ns
         self.last_hb_at = now
+        if echo_seq and self.state is LinkState.HEALTHY:
+            self._echoed(now, echo_seq, echo_timestamp_ns, echo_hold_ns)
         self._check_better(now, actions)
         return actions
+
+    def _echoed(self, now: float, seq: int, timestamp_ns: int, hold_ns: int) -> None:
+        """The peer had our heartbeat `seq` (sent at `timestamp_ns`, our clock) and held
+        it `hold_ns` before echoing: proof the path worked when it arrived there, which
+        is when an immediate ack would have come back (now - hold). Never later than now,
+        never earlier than when it left."""
+        last = self.last_ack_seq
+        if seq > self.seq or (last is not None and seq <= last):
+            return  # never sent, or no newer than what we know
+        sent_at = min(timestamp_ns / 1e9, now)
+        hold = hold_ns / 1e9
+        self.acked += 1
+        self.ack_streak = self.ack_streak + 1 if last is not None and seq == last + 1 else 1
+        self.last_ack_seq = seq
+        evidence = max(sent_at, now - hold)
+        self.last_ack_at = max(evidence, self.last_ack_at or evidence)
+        rtt = now - sent_at - hold
+        if 0 <= rtt < self.config.timeout * 10:
+            self.rtt = rtt if self.rtt is None else self.rtt + (rtt - self.rtt) / 8
+        self.last_error = None
 
     def ack_received(self, now: float, seq: int, timestamp_ns: int) -> list[Action]:
         """The peer acked our heartbeat `seq` (echoing the timestamp we sent)."""
@@ -248,7 +299,9 @@ class PeerHealth:
             ack_age, hb_age = now - self.last_ack_at, now - self.last_hb_at
             if ack_age < timeout and hb_age < timeout:
                 return
-            if hb_age >= ack_age:
+            # Echoes ride on the peer's heartbeats and are up to an interval older: when
+            # those stop, the echoes stop with them, and the cause is the peer's side.
+            if hb_age + self.config.healthy_interval >= ack_age:
                 what = f"heartbeats lost {hb_age:.1f} s ago (none received from the peer)"
             else:
                 what = f"heartbeats lost {ack_age:.1f} s ago (ours are not acknowledged)"
@@ -345,10 +398,14 @@ class HealthMonitor:
                 actions.extend(link.tick(now))
         return actions
 
-    def heartbeat_received(self, now: float, peer: int, conn_uid: int, seq: int,
-                           timestamp_ns: int) -> list[Action]:
+    def heartbeat_received(self, now: float, peer: int, conn_uid: int, seq: int, timestamp_ns: int,
+                           echo_seq: int = 0, echo_timestamp_ns: int = 0, echo_hold_ns: int = 0,
+                           ack_wanted: bool = True) -> list[Action]:
         link = self._link(peer, conn_uid)
-        return link.heartbeat_received(now, seq, timestamp_ns) if link else []
+        if link is None:
+            return []
+        return link.heartbeat_received(now, seq, timestamp_ns, echo_seq, echo_timestamp_ns, echo_hold_ns,
+                                       ack_wanted)
 
     def ack_received(self, now: float, peer: int, conn_uid: int, seq: int, timestamp_ns: int) -> list[Action]:
         link = self._link(peer, conn_uid)

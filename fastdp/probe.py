@@ -28,6 +28,16 @@ answers, so the heartbeat's sender measures the round trip without keeping state
 `frame length` is the size the sender built; a frame that arrives shorter was cut and
 is rejected.
 
+A heartbeat of at least 77 bytes continues, in what used to be padding::
+
+    flags (1) | echo sequence number (8) | echo timestamp ns (8) | echo hold ns (8)
+
+flags bit 0: no ack wanted; bit 1: the echo fields are set, repeating the sequence
+number and timestamp of the latest heartbeat the sender had from us and how long it
+held it. A healthy link runs on echoes alone, half the frames of heartbeat + ack. All
+zeros (what the first version sent) means "ack wanted, no echo", so the two versions
+work together.
+
 Probe MACs are derived from peer names (:func:`probe_mac`), so a peer can address
 another's probe port knowing only its name.
 
@@ -95,6 +105,9 @@ _ETH = struct.Struct("!6s6sH")
 _PAYLOAD = struct.Struct("!4sBBH6sQQQ")
 _VXLAN = struct.Struct("!B3xI")
 HEADER_LEN = ETH_HEADER + _PAYLOAD.size  # 52: the smallest probe frame before padding
+_ECHO = struct.Struct("!BQQQ")
+ECHO_FRAME_LEN = HEADER_LEN + _ECHO.size  # 77: the smallest heartbeat that carries the echo
+_NO_ACK, _ECHOED = 0x01, 0x02
 _IN6_ADDR_GEN_MODE_NONE = 1
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
@@ -108,13 +121,20 @@ class ProbeKind(enum.IntEnum):
 
 @dataclass(frozen=True)
 class ProbeMessage:
-    """What a probe frame says. For an ack, `seq` and `timestamp_ns` echo the heartbeat's."""
+    """What a probe frame says. For an ack, `seq` and `timestamp_ns` echo the heartbeat's.
+
+    A heartbeat may also echo the receiver's latest heartbeat (`echo_seq` 0: none) and
+    say that it wants no ack."""
 
     kind: ProbeKind
     sender: int  # the sending peer's name (48 bits)
     conn_uid: int  # the mesh connection this link belongs to (uint64)
     seq: int  # uint64
     timestamp_ns: int  # uint64, the heartbeat sender's monotonic clock
+    echo_seq: int = 0  # uint64
+    echo_timestamp_ns: int = 0  # uint64, the receiver's clock
+    echo_hold_ns: int = 0  # uint64
+    ack_wanted: bool = True
 
 
 @dataclass(frozen=True)
@@ -160,13 +180,16 @@ def encode_frame(dst_mac: bytes, src_mac: bytes, msg: ProbeMessage, size: int = 
         raise ValueError(f"probe frame size must be within {HEADER_LEN}..65535, not {size}")
     if not 0 < msg.sender < 1 << 48:
         raise ValueError(f"sender peer name {msg.sender} is not a valid 48-bit name")
-    for field in ("conn_uid", "seq", "timestamp_ns"):
+    for field in ("conn_uid", "seq", "timestamp_ns", "echo_seq", "echo_timestamp_ns", "echo_hold_ns"):
         if not 0 <= getattr(msg, field) <= _U64:
             raise ValueError(f"{field} must fit in 64 bits")
     header = _ETH.pack(dst_mac, src_mac, ETHERTYPE) + _PAYLOAD.pack(
         MAGIC, VERSION, int(msg.kind), size, msg.sender.to_bytes(6, "big"), msg.conn_uid, msg.seq,
         msg.timestamp_ns)
-    return header + bytes(size - HEADER_LEN)
+    if msg.kind is ProbeKind.HEARTBEAT and size >= ECHO_FRAME_LEN:
+        flags = (0 if msg.ack_wanted else _NO_ACK) | (_ECHOED if msg.echo_seq else 0)
+        header += _ECHO.pack(flags, msg.echo_seq, msg.echo_timestamp_ns, msg.echo_hold_ns)
+    return header + bytes(size - len(header))
 
 
 def decode_frame(frame: bytes | bytearray | memoryview) -> ProbeFrame:
@@ -192,8 +215,14 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> ProbeFrame:
     sender_name = int.from_bytes(sender, "big")
     if sender_name == 0:
         raise WireError("probe frame from the unknown peer name 0")
-    return ProbeFrame(dst_mac=dst, src_mac=src, frame_len=frame_len,
-                      message=ProbeMessage(probe_kind, sender_name, conn_uid, seq, ts))
+    msg = ProbeMessage(probe_kind, sender_name, conn_uid, seq, ts)
+    if probe_kind is ProbeKind.HEARTBEAT and frame_len >= ECHO_FRAME_LEN:
+        flags, echo_seq, echo_ts, hold = _ECHO.unpack_from(frame, HEADER_LEN)
+        if flags & _ECHOED or flags & _NO_ACK:
+            msg = ProbeMessage(probe_kind, sender_name, conn_uid, seq, ts,
+                               echo_seq if flags & _ECHOED else 0, echo_ts if flags & _ECHOED else 0,
+                               hold if flags & _ECHOED else 0, not flags & _NO_ACK)
+    return ProbeFrame(dst_mac=dst, src_mac=src, frame_len=frame_len, message=msg)
 
 
 def encode_vxlan(vni: int, inner: bytes) -> bytes:

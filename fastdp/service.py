@@ -322,9 +322,13 @@ class FastdpService:
             for frame in frames:
                 msg = frame.message
                 self.stats["frames_received"] += 1
-                handle = (self.monitor.heartbeat_received if msg.kind is ProbeKind.HEARTBEAT
-                          else self.monitor.ack_received)
-                actions = handle(now, msg.sender, msg.conn_uid, msg.seq, msg.timestamp_ns)
+                if msg.kind is ProbeKind.HEARTBEAT:
+                    actions = self.monitor.heartbeat_received(
+                        now, msg.sender, msg.conn_uid, msg.seq, msg.timestamp_ns, msg.echo_seq,
+                        msg.echo_timestamp_ns, msg.echo_hold_ns, msg.ack_wanted)
+                else:
+                    actions = self.monitor.ack_received(
+                        now, msg.sender, msg.conn_uid, msg.seq, msg.timestamp_ns)
                 self._note_run(msg.sender, msg.conn_uid, msg.kind, now)
                 self._perform(actions)
             if frames:
@@ -350,7 +354,8 @@ class FastdpService:
                 continue
             if isinstance(action, SendHeartbeat):
                 msg = ProbeMessage(ProbeKind.HEARTBEAT, self.ourself, action.conn_uid, action.seq,
-                                   action.timestamp_ns)
+                                   action.timestamp_ns, action.echo_seq, action.echo_timestamp_ns,
+                                   action.echo_hold_ns, action.ack_wanted)
                 try:
                     self._endpoint.send(rec.ip, rec.peer, msg, action.size)
                 except OSError as e:

@@ -46,12 +46,14 @@ class Sim:
     queue: list[tuple[float, int, str, object]] = field(default_factory=list)
     log: list[tuple[str, Transition]] = field(default_factory=list)
     counter: int = 0
+    sent: list[tuple[float, str, object]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.a = PeerHealth(PEER_B, UID, 0.0, self.config)
 
     def _send(self, src: str, action: SendHeartbeat | SendAck) -> None:
         direction = "ab" if src == "a" else "ba"
+        self.sent.append((self.now, src, action))
         size = action.size if isinstance(action, SendHeartbeat) else 60
         if self.path(self.now, direction, size):
             self.counter += 1
@@ -74,7 +76,9 @@ class Sim:
                 if view is None:
                     continue  # B's daemon does not know the link yet: no ack
                 if isinstance(action, SendHeartbeat):
-                    self._handle(dst, view.heartbeat_received(self.now, action.seq, action.timestamp_ns))
+                    self._handle(dst, view.heartbeat_received(
+                        self.now, action.seq, action.timestamp_ns, action.echo_seq, action.echo_timestamp_ns,
+                        action.echo_hold_ns, action.ack_wanted))
                 else:
                     assert isinstance(action, SendAck)
                     self._handle(dst, view.ack_received(self.now, action.seq, action.timestamp_ns))
@@ -139,8 +143,11 @@ def test_declared_unhealthy_within_3s_of_a_break(directions: str) -> None:
     sim.run_until(10.0)
     for who in "ab":
         t = sim.first(who, LinkState.UNHEALTHY)
-        # After the timeout (0.9 s), and well inside the 3 s the issue allows.
-        assert 0.7 <= t - 5.0 < 1.5, (who, t)
+        # Near the timeout (0.9 s): up to two heartbeat intervals sooner, since the last
+        # echo of ours to get through can be that old when the path breaks; and well
+        # inside the 3 s the issue allows.
+        cfg = sim.config
+        assert cfg.timeout - 2 * cfg.healthy_interval - STEP <= t - 5.0 < 1.5, (who, t)
         reason = sim.transitions(who)[-1].reason
         assert reason.startswith("heartbeats lost") and "s ago" in reason
     # While unhealthy the peer keeps probing, at the slower rate.
@@ -346,3 +353,58 @@ def test_many_peers_stretch_intervals_within_the_budget_and_the_3s_promise() -> 
     for peer in list(mon.links):
         mon.remove(peer)
     assert mon.config == HealthConfig()
+
+
+# --- echoes instead of acks ------------------------------------------------------------------
+
+
+def test_healthy_link_runs_on_echoes_without_acks() -> None:
+    sim = Sim()
+    sim.run_until(10.0)
+    for who in "ab":
+        (t,) = sim.transitions(who)  # confirmed once, healthy ever since
+        assert t.new is LinkState.HEALTHY
+    late = [(src, a) for at, src, a in sim.sent if at > 2.0]
+    beats = [a for _, a in late if isinstance(a, SendHeartbeat)]
+    acks = [a for _, a in late if isinstance(a, SendAck)]
+    assert len(beats) > 100 and acks == []
+    assert all(not b.ack_wanted and b.echo_seq > 0 for b in beats)
+    # The echo carries the round trip: twice the simulated one-way latency.
+    assert sim.a.rtt == pytest.approx(2 * LATENCY, abs=STEP * 2)
+
+
+def test_echoes_that_stop_make_the_link_unhealthy_within_the_timeout() -> None:
+    # A's heartbeats stop reaching B; B's still reach A, echoing A's last good one.
+    sim = Sim(path=broken_between(5.0, 60.0, "ab"))
+    sim.run_until(10.0)
+    went = sim.first("a", LinkState.UNHEALTHY, after=5.0)
+    assert 5.0 < went <= 5.0 + sim.config.timeout + STEP
+    assert "not acknowledged" in sim.transitions("a")[-1].reason
+
+
+def test_acks_are_asked_for_again_when_echoes_fall_behind() -> None:
+    cfg = HealthConfig()
+    link = PeerHealth(PEER_B, UID, 0.0, cfg)
+    (hb,) = [a for a in link.tick(0.0) if isinstance(a, SendHeartbeat)]
+    link.heartbeat_received(0.01, 1, 5)
+    link.ack_received(0.02, hb.seq, hb.timestamp_ns)
+    assert link.healthy and not link.acks_wanted(0.03)
+    # No newer evidence for more than half the timeout: acks please.
+    assert link.acks_wanted(0.02 + cfg.timeout / 2 + 0.01)
+    # An echo of a heartbeat we never sent, or of an old one, is no evidence.
+    link.heartbeat_received(0.5, 2, 6, echo_seq=99, echo_timestamp_ns=1)
+    link.heartbeat_received(0.55, 3, 7, echo_seq=hb.seq, echo_timestamp_ns=hb.timestamp_ns)
+    assert link.acks_wanted(0.56)
+    # A fresh echo is; it counts from when our heartbeat reached the peer.
+    (hb2,) = [a for a in link.tick(0.6) if isinstance(a, SendHeartbeat)]
+    assert hb2.echo_seq == 3 and hb2.echo_timestamp_ns == 7 and hb2.ack_wanted
+    hold = 10**7  # the peer held it 10 ms: it arrived there at 0.64
+    link.heartbeat_received(0.65, 4, 8, echo_seq=hb2.seq, echo_timestamp_ns=hb2.timestamp_ns, echo_hold_ns=hold)
+    assert link.last_ack_at == pytest.approx(0.64) and not link.acks_wanted(0.66)
+    assert link.rtt is not None
+
+
+def test_a_heartbeat_that_wants_no_ack_gets_none() -> None:
+    link = PeerHealth(PEER_B, UID, 0.0)
+    assert link.heartbeat_received(0.01, 1, 5, ack_wanted=False) == []
+    assert link.heartbeat_received(0.02, 2, 6) == [SendAck(PEER_B, UID, 2, 6)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import secrets
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from fastdp import probe, vxlan
 from fastdp.health import HealthMonitor, LinkState, SendAck, SendHeartbeat, Transition
 from fastdp.probe import (
+    ECHO_FRAME_LEN,
     ETHERTYPE,
     HEADER_LEN,
     MIN_FRAME,
@@ -53,8 +55,22 @@ messages = st.builds(
     conn_uid=st.integers(0, U64),
     seq=st.integers(0, U64),
     timestamp_ns=st.integers(0, U64),
+    echo_seq=st.integers(0, U64),
+    echo_timestamp_ns=st.integers(0, U64),
+    echo_hold_ns=st.integers(0, U64),
+    ack_wanted=st.booleans(),
 )
 macs = st.binary(min_size=6, max_size=6)
+
+
+def carried(msg: ProbeMessage, size: int) -> ProbeMessage:
+    """What a frame of `size` bytes carries of `msg`: the echo part only in a heartbeat
+    big enough for it, and its timestamp and hold only with an echo."""
+    if msg.kind is not ProbeKind.HEARTBEAT or size < ECHO_FRAME_LEN:
+        return dataclasses.replace(msg, echo_seq=0, echo_timestamp_ns=0, echo_hold_ns=0, ack_wanted=True)
+    if msg.echo_seq == 0:
+        return dataclasses.replace(msg, echo_timestamp_ns=0, echo_hold_ns=0)
+    return msg
 
 
 # --- codec -----------------------------------------------------------------------------------
@@ -65,8 +81,8 @@ def test_frame_round_trip(msg: ProbeMessage, dst: bytes, src: bytes, size: int) 
     frame = encode_frame(dst, src, msg, size)
     assert len(frame) == size
     assert frame[12:14] == ETHERTYPE.to_bytes(2, "big")
-    assert decode_frame(frame) == ProbeFrame(dst, src, size, msg)
-    assert decode_frame(memoryview(frame + b"\0" * 7)) == ProbeFrame(dst, src, size, msg)  # padded: fine
+    assert decode_frame(frame) == ProbeFrame(dst, src, size, carried(msg, size))
+    assert decode_frame(memoryview(frame + b"\0" * 7)) == ProbeFrame(dst, src, size, carried(msg, size))
 
 
 @given(msg=messages, dst=macs, src=macs, vni=st.integers(0, (1 << 24) - 1), size=st.integers(HEADER_LEN, 2000))
@@ -74,7 +90,7 @@ def test_datagram_round_trip(msg: ProbeMessage, dst: bytes, src: bytes, vni: int
     data = encode_datagram(vni, dst, src, msg, size)
     assert len(data) == 8 + size
     assert data[0] == 0x08 and data[1:4] == b"\0\0\0" and data[7] == 0
-    assert decode_datagram(data) == (vni, ProbeFrame(dst, src, size, msg))
+    assert decode_datagram(data) == (vni, ProbeFrame(dst, src, size, carried(msg, size)))
 
 
 @given(data=st.binary(max_size=200))
@@ -127,6 +143,23 @@ def test_malformed_frames(offset: int, value: bytes, match: str) -> None:
     frame[offset:offset + len(value)] = value
     with pytest.raises(WireError, match=match):
         decode_frame(frame)
+
+
+def test_heartbeat_echo_travels_in_what_was_padding() -> None:
+    mac_a, mac_b = b"\x02" * 6, b"\x04" * 6
+    echo = ProbeMessage(ProbeKind.HEARTBEAT, NAME_A, UID, 9, 2, echo_seq=7, echo_timestamp_ns=U64,
+                        echo_hold_ns=150_000_000, ack_wanted=False)
+    assert decode_frame(encode_frame(mac_a, mac_b, echo, 1390)).message == echo
+    # What the first version sent (zero padding) reads as "ack wanted, no echo".
+    plain = ProbeMessage(ProbeKind.HEARTBEAT, NAME_A, UID, 9, 2)
+    frame = encode_frame(mac_a, mac_b, plain, 1390)
+    assert frame[HEADER_LEN:] == bytes(1390 - HEADER_LEN)
+    assert decode_frame(frame).message == plain
+    # Too small to carry the echo (or an ack): the extra fields are left out.
+    small = encode_frame(mac_a, mac_b, echo, HEADER_LEN)
+    assert decode_frame(small).message == plain
+    with pytest.raises(ValueError):
+        encode_frame(mac_a, mac_b, ProbeMessage(ProbeKind.HEARTBEAT, NAME_A, UID, 1, 2, echo_seq=U64 + 1), 1390)
 
 
 def test_malformed_vxlan_headers() -> None:
