@@ -15,6 +15,7 @@ timeout is always twice it (see HEARTBEAT_ENV).
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import math
@@ -317,14 +318,9 @@ class Mesh:
             for other, conn in peer.connections.items():
                 if other == self.name or other in self.connections or not conn.remote_tcp_addr:
                     continue
-                if conn.outbound:
-                    addr = conn.remote_tcp_addr
-                else:
-                    addr = f"{conn.remote_tcp_addr.rpartition(':')[0]}:{self.config.port}"
-                try:
-                    found[normalise_address(addr, self.config.port)] = other
-                except ValueError:
-                    continue
+                addr = _dial_address(conn.remote_tcp_addr, conn.outbound, self.config.port)
+                if addr is not None:
+                    found[addr] = other
         return found
 
     def _update_discovered(self, now: float) -> dict[str, int]:
@@ -806,6 +802,18 @@ class Mesh:
         log.info("peers left the topology: %s", ", ".join(format_peer_name(n) for n in names))
         for callback in self.on_peers_removed:
             callback(names)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dial_address(remote_tcp_addr: str, outbound: bool, port: int) -> str | None:
+    """Where to dial a peer that another peer lists a connection to: the address it was
+    dialled at, or for a connection it made, its IP with our port; None if malformed.
+    (Cached: the same few addresses recur in every topology update.)"""
+    addr = remote_tcp_addr if outbound else f"{remote_tcp_addr.rpartition(':')[0]}:{port}"
+    try:
+        return normalise_address(addr, port)
+    except ValueError:
+        return None
 
 
 @dataclass

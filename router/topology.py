@@ -724,6 +724,12 @@ class Peers:
             taken[name] = Peer.from_summary(summary, conns())
 
         known_before = set(self._peers)
+        # Only a new peer (perhaps unreachable) or a lost connection can leave a peer
+        # unreachable; otherwise the collection would find nothing (most updates).
+        need_gc = any(
+            (old := self._peers.get(name)) is None or not old.connections.keys() <= peer.connections.keys()
+            for name, peer in taken.items()
+        )
         local_modified = False
         for summary in ours:
             local_modified |= self._outdo_old_incarnation(summary)
@@ -733,7 +739,7 @@ class Peers:
                 if remote not in self._peers:
                     self._peers[remote] = Peer(remote)
 
-        removed = self._collect()
+        removed = self._collect() if need_gc else []
         gone = {p.name for p in removed}
         local_modified |= self._ensure_own_short_id()
         return UpdateResult(

@@ -719,3 +719,25 @@ def test_gossiping_peers_converge_to_one_view(mesh: tuple, seed: int) -> None:
     truth = {names[i]: view(models[i])[names[i]] for i in range(n)}
     for model in models:
         assert view(model) == truth
+
+
+small_pool = st.sampled_from([A, B, C, D, E])
+pool_updates = st.lists(
+    st.tuples(
+        st.builds(ps, small_pool, st.integers(1, 3), st.integers(0, 4)),
+        st.lists(st.builds(cs, small_pool, st.booleans()), max_size=4),
+    ),
+    max_size=5,
+)
+
+
+@given(st.lists(pool_updates, max_size=8), st.booleans())
+def test_no_unreachable_peer_outlives_an_update(updates: list, linked: bool) -> None:
+    # apply_update collects garbage only when a peer is new or lost a connection: check
+    # that a full collection after any update never finds anything left behind.
+    model = make_peers(A)
+    if linked:
+        connect(model, B, uid=2)
+    for update in updates:
+        model.apply_update(update)
+        assert model.garbage_collect() == []
