@@ -372,29 +372,16 @@ def _field_slots(wire: WireDef | None, local: StructType) -> _Fields | None:
 
 def _read_fields(buf: bytes, pos: int, end: int, fields: _Fields, values: list[Any]) -> int:
     """Read one struct's fields into `values`; returns the position after its end marker."""
-    # Deltas, flags, counts and lengths are almost always one byte: read those inline.
     num = -1
     while True:
-        if pos >= end:
-            raise GobError("truncated struct")
-        delta = buf[pos]
-        if delta < 0x80:
-            pos += 1
-        else:
-            delta, pos = decode_uint(buf, pos, end)
+        delta, pos = _uint_at(buf, pos, end)
         if delta == 0:
             return pos
         num += delta
         if num >= len(fields):
             raise GobError(f"gob field number {num} out of bounds")
         slot, kind = fields[num]
-        if pos >= end:
-            raise GobError("truncated struct")
-        value = buf[pos]
-        if value < 0x80:
-            pos += 1
-        else:
-            value, pos = decode_uint(buf, pos, end)
+        value, pos = _uint_at(buf, pos, end)
         if kind == _UINT_ID:
             values[slot] = value
         elif kind == _BOOL_ID:
@@ -405,6 +392,13 @@ def _read_fields(buf: bytes, pos: int, end: int, fields: _Fields, values: list[A
             raw = buf[pos : pos + value]
             values[slot] = raw if kind == _BYTES_ID else raw.decode("utf-8", "surrogateescape")
             pos += value
+
+
+def _uint_at(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    # Deltas, flags, counts and lengths are almost always one byte.
+    if pos < end and buf[pos] < 0x80:
+        return buf[pos], pos + 1
+    return decode_uint(buf, pos, end)
 
 
 _UINT_ID, _BOOL_ID, _BYTES_ID = UINT.id, BOOL.id, BYTES.id
