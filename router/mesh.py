@@ -538,6 +538,8 @@ class Mesh:
         if self.connections.get(name) is not conn:
             return
         del self.connections[name]
+        if not self.connections:
+            self._joined_at = None  # alone again: the next connection is a fresh join
         if self.overlay is not None:
             self.overlay.connection_down(name, conn.conn_uid)
         removed = self.peers.remove_connection(name)

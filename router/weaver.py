@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -112,7 +113,8 @@ async def run(
         await nursery.start(serve, app, http)
         (cfg.state_dir / "weaver.ready").write_text(str(os.getpid()))
         if ready_fd is not None:
-            os.write(ready_fd, b"1")
+            with contextlib.suppress(OSError):  # `weave launch` gave up waiting (^C): no reader
+                os.write(ready_fd, b"1")
             os.close(ready_fd)
         gc.freeze()  # start-up's objects live as long as the daemon: no GC passes over them
         gc.enable()
