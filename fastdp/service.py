@@ -434,10 +434,11 @@ class FastdpService:
                     self._report_peer(peer)
                 elif additions:
                     # Links come up in bursts (a mesh forming): one netlink socket for all.
+                    outcome: dict[str, Exception | None]
                     try:
-                        outcome = await self._to_thread(
+                        outcome = dict(await self._to_thread(
                             vxlan.add_peers, [ip for ip, _ in additions], self.port, self.netns
-                        )
+                        ))
                     except _KERNEL_ERRORS as e:
                         outcome = {ip: e for ip, _ in additions}
                     for ip, peer in additions:

@@ -345,13 +345,20 @@ def add_peer(ip: str, port: int = DEFAULT_PORT, netns: str | None = None) -> boo
         index = _device(ipr, port)
         if any(e.mac == ZERO_MAC and e.dst == ip for e in _vxlan_entries(ipr, index)):
             return False
-        try:
-            ipr.neigh("append", family=AF_BRIDGE, ifindex=index, lladdr=ZERO_MAC, dst=ip,
-                      state=NUD_NOARP | NUD_PERMANENT, flags=NTF_SELF)
-        except NetlinkError as e:
-            raise _netlink(f"adding peer {ip} to {device_name(port)}", e) from None
+        error = _append_peer(ipr, index, ip, port)
+        if error is not None:
+            raise error
     log.info("fastdp peer %s added", ip)
     return True
+
+
+def _append_peer(ipr: IPRoute, index: int, ip: str, port: int) -> VxlanError | None:
+    try:
+        ipr.neigh("append", family=AF_BRIDGE, ifindex=index, lladdr=ZERO_MAC, dst=ip,
+                  state=NUD_NOARP | NUD_PERMANENT, flags=NTF_SELF)
+    except NetlinkError as e:
+        return _netlink(f"adding peer {ip} to {device_name(port)}", e)
+    return None
 
 
 def add_peers(
@@ -365,13 +372,7 @@ def add_peers(
     with open_ipr(netns) as ipr:
         index = _device(ipr, port)
         for ip in checked:
-            try:
-                ipr.neigh("append", family=AF_BRIDGE, ifindex=index, lladdr=ZERO_MAC, dst=ip,
-                          state=NUD_NOARP | NUD_PERMANENT, flags=NTF_SELF)
-            except NetlinkError as e:
-                outcome[ip] = _netlink(f"adding peer {ip} to {device_name(port)}", e)
-            else:
-                outcome[ip] = None
+            outcome[ip] = _append_peer(ipr, index, ip, port)
     added = [ip for ip, error in outcome.items() if error is None]
     if added:
         log.info("fastdp peer%s %s added", "s" if len(added) > 1 else "", ", ".join(added))
