@@ -212,11 +212,26 @@ def _save_logs(hosts: list[Host], directory: Path | None, n: int) -> None:
             (target / f"{h.name}.log").write_text(src.read_text(errors="replace"))
 
 
+def wait_for_quiet(limit: float = 30.0) -> float:
+    """Wait until the machine is nearly idle (the kernel dismantles the previous size's
+    namespaces in the background for a while); returns the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        before = machine_cpu()
+        time.sleep(1.0)
+        after = machine_cpu()
+        busy = sum(after[k] - before[k] for k in after if k != "idle")
+        if busy < 0.1 * (os.cpu_count() or 1):
+            break
+    return time.monotonic() - start
+
+
 def run_size(
     n: int, timeout: float, idle_seconds: float, logs: Path | None = None, poll: float = POLL
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"n": n}
     with Testbed(n) as tb:
+        result["quiet_wait_s"] = round(wait_for_quiet(), 1)
         try:
             return _run(tb, n, timeout, idle_seconds, result, poll)
         finally:

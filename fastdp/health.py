@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -72,6 +73,8 @@ class HealthConfig:
     # staying within max_timeout, so that detection stays under the 3 s promised.
     budget: float = 60.0
     max_timeout: float = 2.7
+    # Heartbeats leave on this grid (seconds of the monotonic clock).
+    send_grid: float = 0.05
 
     def __post_init__(self) -> None:
         if min(self.confirm_interval, self.healthy_interval, self.unhealthy_interval) <= 0:
@@ -207,6 +210,9 @@ class PeerHealth:
             self.next_send += self.interval()
             if self.next_send <= now:  # we were late (stalled loop): don't send a burst to catch up
                 self.next_send = now + self.interval()
+            # On a grid, so that one wake-up sends every link's heartbeat that is due.
+            grid = self.config.send_grid
+            self.next_send = math.ceil(self.next_send / grid - 1e-9) * grid
         return actions
 
     def acks_wanted(self, now: float) -> bool:

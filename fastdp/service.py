@@ -319,6 +319,7 @@ class FastdpService:
                 await trio.sleep(0.1)
                 continue
             now = self._clock()
+            changed = False
             for frame in frames:
                 msg = frame.message
                 self.stats["frames_received"] += 1
@@ -330,8 +331,11 @@ class FastdpService:
                     actions = self.monitor.ack_received(
                         now, msg.sender, msg.conn_uid, msg.seq, msg.timestamp_ns)
                 self._note_run(msg.sender, msg.conn_uid, msg.kind, now)
+                changed |= any(isinstance(a, Transition) for a in actions)
                 self._perform(actions)
-            if frames:
+            if changed:
+                # Only a change of state can move a link's deadlines; fresh evidence
+                # just pushes them later, which the timer finds when it wakes.
                 self._wake.set()
 
     def _note_run(self, peer: int, conn_uid: int, kind: ProbeKind, now: float) -> None:
