@@ -220,8 +220,8 @@ class Mesh:
         # What other threads (the data path) read: replaced whole, never computed there.
         self.data_routes = Routes.compute(self.peers)
         self.maker = ConnectionMaker(rng=self.rng, discovery=config.discovery)
-        # For discovery's choice of who dials: when our first connection came up, and
-        # when each peer entered our topology.
+        # For discovery's choice of who dials: when we joined (the first topology update
+        # after our first connection), and when each peer entered our topology.
         self._joined_at: float | None = None
         self._first_seen: dict[int, float] = {}
         self.connections: dict[int, Connection] = {}
@@ -502,8 +502,6 @@ class Mesh:
         known = self.peers.get(remote.name)
         restarted = known is not None and known.uid not in (0, remote.uid)
         new = self.peers.register_remote(remote.name, remote.nickname, remote.uid, remote.short_id)
-        if self._joined_at is None:
-            self._joined_at = trio.current_time()
         self._seen([remote.name])
         self.peers.add_connection(remote.name, conn.address, conn.outbound, established=False)
         self.connections[remote.name] = conn
@@ -763,6 +761,8 @@ class Mesh:
             self._topology_event.set()  # the flusher recomputes the data path's routes
             self._maker_event.set()
         self._seen(result.new)
+        if self._joined_at is None and self.connections:
+            self._joined_at = trio.current_time()  # what this update told us was there before us
         fresh = result.new | result.restarted
         if fresh:
             now = trio.current_time()

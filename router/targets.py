@@ -31,10 +31,7 @@ LONG_LIVED = 60.0
 # its handshake on a busy host. Two peers that each see the other as the newcomer wait
 # for each other; the higher-named one waits the shorter time, so it dials first.
 DISCOVERY_DEFER = 3.0
-DISCOVERY_DEFER_SHORT = 1.0
-# Peers that entered our topology this soon after our first connection came with the
-# topology we were given on joining: they were there before us.
-JOIN_GRACE = 1.0
+DISCOVERY_DEFER_SHORT = 2.0
 DEFAULT_PORT = 6783
 # A target skipped because its host already has a connection to us is looked at again
 # after this long (the connection may be a handshake that fails).
@@ -64,12 +61,13 @@ class Target:
 def discovery_delay(peer: int, ourself: int, first_seen: float | None, joined_at: float | None) -> float:
     """How long to leave a discovered `peer` to dial us before we dial it.
 
-    `first_seen`: when the peer entered our topology; `joined_at`: when our first
-    connection came up. A peer that was in the mesh before we joined is dialled at once:
+    `first_seen`: when the peer entered our topology; `joined_at`: when we applied the
+    first topology update after our first connection came up (the topology we were
+    given on joining). A peer that was in the mesh before we joined is dialled at once:
     it hears of us only through gossip, later. One that came after us got our entry in
     the topology it was given on joining, and dials us.
     """
-    if joined_at is None or first_seen is None or first_seen <= joined_at + JOIN_GRACE:
+    if joined_at is None or first_seen is None or first_seen <= joined_at:
         return 0.0
     return DISCOVERY_DEFER_SHORT if peer < ourself else DISCOVERY_DEFER
 

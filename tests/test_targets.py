@@ -15,7 +15,6 @@ from router.targets import (
     DISCOVERY_DEFER,
     DISCOVERY_DEFER_SHORT,
     INITIAL_INTERVAL,
-    JOIN_GRACE,
     LONG_LIVED,
     MAX_INTERVAL,
     ConnectionMaker,
@@ -365,10 +364,9 @@ def test_who_dials_a_discovered_peer() -> None:
     # Before we have joined, and for peers that were there when we joined: at once.
     assert discovery_delay(lower, me, first_seen=5.0, joined_at=None) == 0.0
     assert discovery_delay(higher, me, first_seen=None, joined_at=4.0) == 0.0
-    assert discovery_delay(higher, me, first_seen=4.0 + JOIN_GRACE, joined_at=4.0) == 0.0
+    assert discovery_delay(higher, me, first_seen=4.0, joined_at=4.0) == 0.0
     # A newcomer knew of us on joining and dials us; if it sees us as a newcomer too,
     # the higher-named of the two goes first.
-    late = 4.0 + JOIN_GRACE + 0.1
-    assert discovery_delay(higher, me, first_seen=late, joined_at=4.0) == DISCOVERY_DEFER
-    assert discovery_delay(lower, me, first_seen=late, joined_at=4.0) == DISCOVERY_DEFER_SHORT
+    assert discovery_delay(higher, me, first_seen=4.1, joined_at=4.0) == DISCOVERY_DEFER
+    assert discovery_delay(lower, me, first_seen=4.1, joined_at=4.0) == DISCOVERY_DEFER_SHORT
     assert DISCOVERY_DEFER_SHORT < DISCOVERY_DEFER
