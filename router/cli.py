@@ -85,7 +85,12 @@ def _listen(cfg: RouterConfig) -> list[socket.socket]:
     listeners: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in infos:
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                if exc.errno == errno.EAFNOSUPPORT and len(infos) > 1:
+                    continue  # e.g. no IPv6 in this kernel: the other family will do
+                raise
             listeners.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
@@ -98,6 +103,8 @@ def _listen(cfg: RouterConfig) -> list[socket.socket]:
         if exc.errno == errno.EADDRINUSE:
             raise CliError(f"weave launch: TCP port {cfg.port} is already in use") from None
         raise CliError(f"weave launch: cannot listen on TCP port {cfg.port}: {exc.strerror or exc}") from None
+    if not listeners:
+        raise CliError(f"weave launch: cannot listen on TCP port {cfg.port}: no usable address family")
     return listeners
 
 
