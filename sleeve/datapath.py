@@ -321,12 +321,7 @@ class DataPath:
                     continue
                 for hop, dst in switch.from_local(frame):
                     out.setdefault(hop, []).append((self.ourself, dst, hdr, frame))
-            for hop, frames in out.items():
-                link = self.links.get(hop)
-                if link is None or not link.established:
-                    self.stats["no_link_drops"] += len(frames)
-                    continue
-                self._send(link, frames)
+            self._send_gathered(out)
 
     def _udp_loop(self) -> None:
         poller = select.poll()
@@ -357,12 +352,17 @@ class DataPath:
                         self._datagram(bytes(view[start : start + segment]), address, out)
                 else:
                     self._datagram(data, address, out)
-            for hop, frames in out.items():
-                link = self.links.get(hop)
-                if link is None or not link.established:
-                    self.stats["no_link_drops"] += len(frames)
-                    continue
-                self._send(link, frames)
+            self._send_gathered(out)
+
+    def _send_gathered(self, out: dict[int, list[Out]]) -> None:
+        """Send what one burst gathered, per next hop; frames for a hop without an
+        established link are counted and dropped."""
+        for hop, frames in out.items():
+            link = self.links.get(hop)
+            if link is None or not link.established:
+                self.stats["no_link_drops"] += len(frames)
+                continue
+            self._send(link, frames)
 
     def _datagram(self, data: bytes, address: tuple[str, int], out: dict[int, list[Out]]) -> None:
         if chunks.is_chunk(data) and self._vnet_sender(data):
