@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -13,6 +15,18 @@ from router.testbed import Host
 T = TypeVar("T")
 CONVERGE = 20.0  # seconds a small mesh may take to settle (it takes ~1 s)
 POLL = 0.15
+
+
+def router_test_marks(*tools: str) -> list[pytest.MarkDecorator]:
+    """The marks of a test module that runs real routers: root, the test bed's tools (ip,
+    nft) and `tools`, and the weave CLI."""
+    missing = [tool for tool in ("ip", "nft", *tools) if shutil.which(tool) is None]
+    return [
+        pytest.mark.netns,
+        pytest.mark.skipif(os.geteuid() != 0, reason="needs root: routers run in network namespaces"),
+        pytest.mark.skipif(bool(missing), reason=f"missing {', '.join(missing)} (scripts/install --test installs them)"),
+        pytest.mark.skipif(shutil.which("weave") is None, reason="the weave CLI is not installed (scripts/install)"),
+    ]
 
 
 def weave(

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -31,18 +30,9 @@ from typing import Any
 import pytest
 
 from router.testbed import Container, Host, Testbed
-from tests.routers import diagnostics, log_text, wait_for, weave
+from tests.routers import diagnostics, log_text, router_test_marks, wait_for, weave
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: routers run in network namespaces"),
-    pytest.mark.skipif(
-        shutil.which("ip") is None or shutil.which("nft") is None,
-        reason="the test bed needs iproute2 (ip) and nftables (nft)",
-    ),
-    pytest.mark.skipif(shutil.which("weave") is None, reason="the weave CLI is not installed (scripts/install)"),
-    pytest.mark.skipif(shutil.which("dig") is None, reason="dig is not installed (apt-get install dnsutils)"),
-]
+pytestmark = router_test_marks("dig")
 
 REPO = Path(__file__).resolve().parents[1]
 DNS_ADDRESS = "169.254.53.1"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,17 +33,9 @@ from typing import Any
 import pytest
 
 from router.testbed import Container, Host, Testbed
-from tests.routers import diagnostics, launch, log_text, wait_for, weave
+from tests.routers import diagnostics, launch, log_text, router_test_marks, wait_for, weave
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: routers run in network namespaces"),
-    pytest.mark.skipif(
-        any(shutil.which(tool) is None for tool in ("ip", "nft", "ping", "iperf3")),
-        reason="needs iproute2 (ip), nftables (nft), iputils ping and iperf3",
-    ),
-    pytest.mark.skipif(shutil.which("weave") is None, reason="the weave CLI is not installed (scripts/install)"),
-]
+pytestmark = router_test_marks("ping", "iperf3")
 
 
 CONVERGE = 20.0  # seconds a small mesh may take to form and confirm fastdp (it takes ~1 s)

@@ -25,7 +25,6 @@ import ipaddress
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,17 +37,9 @@ from typing import Any
 import pytest
 
 from router.testbed import Container, Host, Testbed
-from tests.routers import diagnostics, log_text, wait_for
+from tests.routers import diagnostics, log_text, router_test_marks, wait_for
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: routers run in network namespaces"),
-    pytest.mark.skipif(
-        shutil.which("ip") is None or shutil.which("nft") is None,
-        reason="the test bed needs iproute2 (ip) and nftables (nft)",
-    ),
-    pytest.mark.skipif(shutil.which("weave") is None, reason="the weave CLI is not installed (scripts/install)"),
-]
+pytestmark = router_test_marks()
 
 CONVERGE = 25.0  # seconds a mesh / ring may take to settle (it takes ~1-2 s)
 DEFAULT_RANGE = ipaddress.IPv4Network("10.32.0.0/12")

@@ -11,10 +11,8 @@ would. Nothing leaves the namespaces the test bed creates.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,17 +23,9 @@ import pytest
 
 from router.peername import format_peer_name, random_peer_name
 from router.testbed import Host, Testbed
-from tests.routers import diagnostics, launch, log_text, wait_for, weave
+from tests.routers import diagnostics, launch, log_text, router_test_marks, wait_for, weave
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: routers run in network namespaces"),
-    pytest.mark.skipif(
-        shutil.which("ip") is None or shutil.which("nft") is None,
-        reason="the test bed needs iproute2 (ip) and nftables (nft)",
-    ),
-    pytest.mark.skipif(shutil.which("weave") is None, reason="the weave CLI is not installed (scripts/install)"),
-]
+pytestmark = router_test_marks()
 
 REPO = Path(__file__).resolve().parents[1]
 POLL = 0.15  # seconds between polls

@@ -21,7 +21,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,17 +35,9 @@ import pytest
 from router.bridge import VNET_HDR_LEN
 from router.testbed import Container, Host, Testbed
 from sleeve.wire import overlay_mtu
-from tests.routers import diagnostics, launch, log_text, wait_for, weave
+from tests.routers import diagnostics, launch, log_text, router_test_marks, wait_for, weave
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: routers run in network namespaces"),
-    pytest.mark.skipif(
-        any(shutil.which(tool) is None for tool in ("ip", "nft", "ping", "iperf3", "ss")),
-        reason="needs iproute2 (ip, ss), nftables (nft), ping and iperf3",
-    ),
-    pytest.mark.skipif(shutil.which("weave") is None, reason="the weave CLI is not installed (scripts/install)"),
-]
+pytestmark = router_test_marks("ping", "iperf3", "ss")
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERGE = 20.0  # seconds a small mesh may take to establish its sleeve links (it takes ~1 s)
