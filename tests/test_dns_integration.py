@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,6 +356,28 @@ def mesh() -> Iterator[Mesh]:
         assert not tb.cleanup_errors, tb.cleanup_errors
 
 
+def assert_removed_everywhere(
+    clients: list[Container], fqdn: str, remove: Callable[[], object], what: str
+) -> None:
+    """Run `remove` (a command) while every client polls `fqdn`, and check it turns
+    NXDOMAIN everywhere within 2 s of the command's end."""
+    pollers = start_pollers(clients, fqdn, "NXDOMAIN", 10, "NOERROR")
+    try:
+        t0 = time.monotonic()
+        remove()
+        took = time.monotonic() - t0
+        results = [p.result(timeout=15) for p in pollers]
+    finally:
+        for p in pollers:
+            p.proc.kill()
+            p.proc.wait()
+    delays = [r["t"] - t0 if r["t"] is not None else None for r in results]
+    shown = [f"{d * 1000:.0f} ms" if d is not None else d for d in delays]
+    print(f"\n{what} -> NXDOMAIN on host1..3: {shown} (from the command's start; it took {took * 1000:.0f} ms)")
+    # The removal happens somewhere inside the command: NXDOMAIN everywhere within 2 s of its end.
+    assert all(d is not None and d - took < 2.0 for d in delays), (delays, took, results)
+
+
 def wait_resolves(m: Mesh, c: Container, name: str, expected: set[str], *args: str) -> list[str]:
     def probe() -> list[str] | None:
         got = dig_short(c, *args, name)
@@ -434,21 +456,11 @@ def test_removed_names_turn_nxdomain_everywhere(mesh: Mesh) -> None:
     attach(h2, "10.32.2.3/12", gone, "gone")
     for c in clients:
         wait_resolves(mesh, c, "gone", {"10.32.2.3"})
-    pollers = start_pollers(clients, "gone.weave.local.", "NXDOMAIN", 10, "NOERROR")
-    try:
-        t0 = time.monotonic()
+
+    def detach() -> None:
         assert weave(h2, "detach", gone.netns).strip() == "10.32.2.3/12"
-        took = time.monotonic() - t0
-        results = [p.result(timeout=15) for p in pollers]
-    finally:
-        for p in pollers:
-            p.proc.kill()
-            p.proc.wait()
-    delays = [r["t"] - t0 if r["t"] is not None else None for r in results]
-    shown = [f"{d * 1000:.0f} ms" if d is not None else d for d in delays]
-    print(f"\ndetach -> NXDOMAIN on host1..3: {shown} (from the command's start; it took {took * 1000:.0f} ms)")
-    # The removal happens somewhere inside the command: NXDOMAIN everywhere within 2 s of its end.
-    assert all(d is not None and d - took < 2.0 for d in delays), (delays, took, results)
+
+    assert_removed_everywhere(clients, "gone.weave.local.", detach, "detach")
     assert not Path(f"/etc/netns/{gone.netns}/resolv.conf").exists()
     for c in clients:
         assert status_of(dig(c, "gone")) == "NXDOMAIN"
@@ -457,21 +469,10 @@ def test_removed_names_turn_nxdomain_everywhere(mesh: Mesh) -> None:
     weave(h3, "dns-add", "10.32.3.9", "-h", "extra.weave.local.")
     for c in clients:
         wait_resolves(mesh, c, "extra", {"10.32.3.9"})
-    pollers = start_pollers(clients, "extra.weave.local.", "NXDOMAIN", 10, "NOERROR")
-    try:
-        t0 = time.monotonic()
-        weave(h3, "dns-remove", "10.32.3.9", "-h", "extra.weave.local.")
-        took = time.monotonic() - t0
-        results = [p.result(timeout=15) for p in pollers]
-    finally:
-        for p in pollers:
-            p.proc.kill()
-            p.proc.wait()
-    delays = [r["t"] - t0 if r["t"] is not None else None for r in results]
-    shown = [f"{d * 1000:.0f} ms" if d is not None else d for d in delays]
-    print(f"dns-remove -> NXDOMAIN on host1..3: {shown} (from the command's start; it took {took * 1000:.0f} ms)")
-    # The removal happens somewhere inside the command: NXDOMAIN everywhere within 2 s of its end.
-    assert all(d is not None and d - took < 2.0 for d in delays), (delays, took, results)
+    assert_removed_everywhere(
+        clients, "extra.weave.local.",
+        lambda: weave(h3, "dns-remove", "10.32.3.9", "-h", "extra.weave.local."), "dns-remove",
+    )
     # Other names are untouched.
     assert dig_short(mesh.clients["host1"], "web") == ["10.32.1.1"]
 
