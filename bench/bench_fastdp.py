@@ -45,7 +45,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from router.testbed import Container, Host, Testbed, _Namespace  # noqa: E402
+from router.testbed import Container, Host, Testbed, TestbedError, _Namespace, iperf3_end  # noqa: E402
 
 MTU = 1376
 RAW_IFNAME = "pwraw0"
@@ -130,31 +130,16 @@ def make_raw_bridged(host: Host, peer: Host) -> Container:
 
 def iperf(client: _Namespace, server: _Namespace, address: str, duration: float) -> dict[str, float]:
     """One iperf3 TCP run from `client` to a one-shot server on `address` in `server`."""
-    srv = subprocess.Popen(server.exec_argv(["iperf3", "-s", "-1", "-B", address]),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with server.iperf3_server(address):
         for _ in range(50):
             if client.ping(address, timeout=0.2):
                 break
-        out = ""
-        for _ in range(20):
-            time.sleep(0.1)
-            proc = client.run(["iperf3", "-c", address, "-t", str(duration), "-J"], check=False,
-                              timeout=duration + 30)
-            out = proc.stdout
-            if proc.returncode == 0:
-                break
-            if "Connection refused" not in out + proc.stderr:
-                raise SystemExit(f"bench_fastdp: iperf3 to {address} failed:\n{out[-1500:]}{proc.stderr}")
-    finally:
-        if srv.poll() is None:
-            srv.terminate()
-        try:
-            srv.wait(5)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
-    end = json.loads(out)["end"]
+        proc = client.run(["iperf3", "-c", address, "-t", str(duration), "-J"], check=False,
+                          timeout=duration + 30)
+    try:
+        end = iperf3_end(proc)
+    except TestbedError as exc:
+        raise SystemExit(f"bench_fastdp: iperf3 to {address}: {exc}") from None
     return {"gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
             "retransmits": end["sum_sent"].get("retransmits", 0)}
 

@@ -44,7 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from router.testbed import Container, Host, Testbed, _Namespace  # noqa: E402
+from router.testbed import Container, Host, Testbed, _Namespace, iperf3_end  # noqa: E402
 
 log = logging.getLogger("bench_sleeve")
 
@@ -130,30 +130,14 @@ def cpu_ticks(pid: int) -> int:
 def iperf(client: _Namespace, server: _Namespace, address: str, duration: float,
           pids: Sequence[int] = ()) -> dict[str, Any]:
     """One iperf3 TCP run to a one-shot server on `address`; CPU of `pids` over the run."""
-    srv = subprocess.Popen(server.exec_argv(["iperf3", "-s", "-1", "-B", address, "-p", str(IPERF_PORT)]),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while not server.run(["ss", "-Hltn", f"sport = :{IPERF_PORT}"]).stdout.strip():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"iperf3 server on {address} did not start")
-            time.sleep(0.05)
+    with server.iperf3_server(address, IPERF_PORT):
         before = {pid: cpu_ticks(pid) for pid in pids}
         started = time.monotonic()
         proc = client.run(["iperf3", "-c", address, "-p", str(IPERF_PORT), "-t", str(duration), "-J"],
                           check=False, timeout=duration + 60)
         wall = time.monotonic() - started
         after = {pid: cpu_ticks(pid) for pid in pids}
-    finally:
-        try:
-            srv.wait(5)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
-    doc = json.loads(proc.stdout)
-    if "error" in doc:
-        raise RuntimeError(f"iperf3 to {address}: {doc['error']}")
-    end = doc["end"]
+    end = iperf3_end(proc)
     cores = [(after[p] - before[p]) / CLK_TCK / wall for p in pids]
     return {
         "gbit_s": end["sum_received"]["bits_per_second"] / 1e9,

@@ -37,9 +37,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,22 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         pass
 
 
+IPERF3_PORT = 5201
+
+
+def iperf3_end(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The `end` section of an `iperf3 -c ... -J` run; TestbedError (with its output) if it failed."""
+    try:
+        doc = json.loads(proc.stdout)
+    except ValueError:
+        detail = f"{proc.stdout[-1500:]} {proc.stderr}"
+        raise TestbedError(f"iperf3 gave no JSON (exit {proc.returncode}): {detail}") from None
+    if "error" in doc or proc.returncode != 0:
+        raise TestbedError(f"iperf3 failed (exit {proc.returncode}): {doc.get('error', proc.stderr)}")
+    return doc["end"]
+
+
+
 # --- namespaces ---------------------------------------------------------------------------
 
 
@@ -315,6 +332,33 @@ class _Namespace:
         exits non-zero and `check` is set, or if it times out.
         """
         return _run(self.exec_argv(argv), check=check, timeout=timeout, env=self._env(env), input=input)
+
+    def wait_listening(self, port: int, timeout: float = 10) -> None:
+        """Return once something listens on TCP `port` here; TestbedError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while not self.run(["ss", "-Hltn", f"sport = :{port}"]).stdout.strip():
+            if time.monotonic() > deadline:
+                raise TestbedError(f"nothing listens on TCP port {port} in {self.netns} after {timeout} s")
+            time.sleep(0.05)
+
+    @contextlib.contextmanager
+    def iperf3_server(self, address: str, port: int = IPERF3_PORT) -> Iterator[None]:
+        """A one-shot iperf3 server on `address`:`port` here, listening when the body
+        starts and gone (killed if need be) when it ends."""
+        argv = self.exec_argv(["iperf3", "-s", "-1", "-B", address, "-p", str(port)])
+        quiet = subprocess.DEVNULL
+        proc = subprocess.Popen(argv, stdin=quiet, stdout=quiet, stderr=quiet)
+        try:
+            self.wait_listening(port)
+            yield
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
 
     def ping(self, address: str, count: int = 1, timeout: float = 1) -> bool:
         """True if at least one of `count` ICMP echoes to `address` is answered within `timeout` s each."""

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from router.testbed import Container, Host, Testbed
+from router.testbed import Container, Host, Testbed, TestbedError, iperf3_end
 from tests.routers import diagnostics, launch, log_text, router_test_marks, wait_for, weave
 
 pytestmark = router_test_marks("ping", "iperf3")
@@ -174,28 +174,12 @@ def ping_all_pairs(containers: dict[str, Container]) -> list[str]:
 def iperf3(client: Container, server: Container, *args: str, timeout: float = 60) -> dict[str, Any]:
     """One iperf3 TCP run (client -> one-shot server); the parsed `end` section."""
     address = container_ip(server.host)
-    srv = subprocess.Popen(server.exec_argv(["iperf3", "-s", "-1", "-B", address]),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with server.iperf3_server(address):
+        proc = client.run(["iperf3", "-c", address, "-J", *args], check=False, timeout=timeout)
     try:
-        out = ""
-        for _ in range(30):  # the server takes a moment to listen
-            time.sleep(0.1)
-            proc = client.run(["iperf3", "-c", address, "-J", *args], check=False, timeout=timeout)
-            out = proc.stdout
-            if proc.returncode == 0:
-                return json.loads(out)["end"]
-            if "Connection refused" not in out + proc.stderr:
-                break
-        pytest.fail(f"iperf3 {client.name} -> {server.name} failed:\n{out[-2000:]}\n"
-                    f"{diagnostics([client.host, server.host])}")
-    finally:
-        if srv.poll() is None:
-            srv.terminate()
-        try:
-            srv.wait(5)
-        except subprocess.TimeoutExpired:
-            srv.kill()
-            srv.wait()
+        return iperf3_end(proc)
+    except TestbedError as exc:
+        pytest.fail(f"iperf3 {client.name} -> {server.name}: {exc}\n{diagnostics([client.host, server.host])}")
 
 
 # A TCP sink: listens on argv[1]:argv[2], reads one connection to its end, answers with

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from router.bridge import VNET_HDR_LEN
-from router.testbed import Container, Host, Testbed
+from router.testbed import IPERF3_PORT, Container, Host, Testbed, TestbedError, iperf3_end
 from sleeve.wire import overlay_mtu
 from tests.routers import diagnostics, launch, log_text, router_test_marks, wait_for, weave
 
@@ -145,15 +145,6 @@ def assert_pings(c: Container, address: str, hosts: Iterable[Host], count: int =
     assert received(proc) >= count - 1, f"{c.name} -> {address}:\n{proc.stdout}{proc.stderr}"
 
 
-def wait_listening(ns: Container, port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ns.run(["ss", "-Hltn", f"sport = :{port}"]).stdout.strip():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"nothing listens on port {port} in {ns.netns} after {timeout} s")
-
-
 @contextlib.contextmanager
 def background(argv: list[str], **kwargs: Any) -> Iterator[subprocess.Popen[str]]:
     """A process that is terminated (then killed) on the way out, whatever happens."""
@@ -173,19 +164,13 @@ def background(argv: list[str], **kwargs: Any) -> Iterator[subprocess.Popen[str]
 def iperf3(client: Container, server: Container, address: str, seconds: float,
            hosts: Iterable[Host] = ()) -> dict[str, Any]:
     """An iperf3 TCP run from `client` to a one-shot server on `address` in `server`; the JSON 'end'."""
-    port = 5201
-    argv = server.exec_argv(["iperf3", "-s", "-1", "-B", address, "-p", str(port)])
-    with background(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE):
-        wait_listening(server, port)
-        proc = client.run(["iperf3", "-c", address, "-p", str(port), "-t", str(seconds), "-J"],
+    with server.iperf3_server(address):
+        proc = client.run(["iperf3", "-c", address, "-p", str(IPERF3_PORT), "-t", str(seconds), "-J"],
                           check=False, timeout=seconds + 30)
     try:
-        doc = json.loads(proc.stdout)
-    except ValueError:
-        pytest.fail(f"iperf3 gave no JSON (exit {proc.returncode}): {proc.stdout[-500:]} {proc.stderr}\n"
-                    f"{diagnostics(hosts)}")
-    assert "error" not in doc, f"iperf3: {doc['error']}\n{diagnostics(hosts)}"
-    return doc["end"]
+        return iperf3_end(proc)
+    except TestbedError as exc:
+        pytest.fail(f"{exc}\n{diagnostics(hosts)}")
 
 
 # A TCP sink: listens on argv[1]:argv[2], takes one connection, reads to EOF and prints
@@ -227,7 +212,7 @@ def tcp_stream(client: Container, server: Container, address: str, size: int,
     port = 5301
     argv = server.exec_argv([sys.executable, "-c", STREAM_SINK, address, str(port)])
     with background(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as sink:
-        wait_listening(server, port)
+        server.wait_listening(port)
         started = time.monotonic()
         sent = client.run([sys.executable, "-c", STREAM_SOURCE, address, str(port), str(size)],
                           check=False, timeout=90)
