@@ -271,16 +271,19 @@ def attachment_lines(atts: list[containers.Attachment]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+def handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """An endpoint whose AttachError becomes a plain-text answer with the error's status."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except AttachError as exc:
+            return PlainTextResponse(f"{exc}\n", status_code=exc.status)
+
+    return wrapped
+
+
 def attach_routes(attacher: Attacher) -> list[Route]:
-    def handler(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def wrapped(request: Request) -> Response:
-            try:
-                return await fn(request)
-            except AttachError as exc:
-                return PlainTextResponse(f"{exc}\n", status_code=exc.status)
-
-        return wrapped
-
     @handler
     async def post_attach(request: Request) -> Response:
         form = await request.form()

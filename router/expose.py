@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from router.attach import AttachError, IpamAllocator, parse_address
+from router.attach import AttachError, IpamAllocator, handler, parse_address
 
 log = logging.getLogger(__name__)
 
@@ -122,20 +122,16 @@ class Exposer:
 
 
 def expose_routes(exposer: Exposer) -> list[Route]:
+    @handler
     async def post_expose(request: Request) -> Response:
         form = await request.form()
-        try:
-            added = await exposer.expose([str(a) for a in form.getlist("addr")])
-        except AttachError as exc:
-            return PlainTextResponse(f"{exc}\n", status_code=exc.status)
+        added = await exposer.expose([str(a) for a in form.getlist("addr")])
         return PlainTextResponse("".join(f"{a}\n" for a in added))
 
+    @handler
     async def post_hide(request: Request) -> Response:
         form = await request.form()
-        try:
-            removed = await exposer.hide([str(a) for a in form.getlist("addr")])
-        except AttachError as exc:
-            return PlainTextResponse(f"{exc}\n", status_code=exc.status)
+        removed = await exposer.hide([str(a) for a in form.getlist("addr")])
         return PlainTextResponse("".join(f"{a}\n" for a in removed))
 
     return [Route("/expose", post_expose, methods=["POST"]), Route("/hide", post_hide, methods=["POST"])]
