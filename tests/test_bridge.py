@@ -252,18 +252,9 @@ def test_complete_checksum_out_of_range() -> None:
 # --- kernel fixtures -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def testbed() -> Iterator[Testbed]:
-    tb = Testbed()
-    try:
-        yield tb
-    finally:
-        tb.close()
-
-
 @pytest.fixture
-def host(testbed: Testbed) -> Host:
-    return testbed.add_host()
+def host(module_testbed: Testbed) -> Host:
+    return module_testbed.add_host()
 
 
 @pytest.fixture
@@ -593,7 +584,7 @@ def _check_plain(frame: bytes) -> None:
     (False, True, 4, None),
     (False, False, 4, None),
 ], ids=["vnet-tcp4", "vnet-tcp6", "vnet-gso32000", "plain-tx-on", "plain-tx-off"])
-def test_tcp_stream_through_taps(testbed: Testbed, fds: list[int], vnet: bool, tx_checksum: bool,
+def test_tcp_stream_through_taps(module_testbed: Testbed, fds: list[int], vnet: bool, tx_checksum: bool,
                                  family: int, gso_max_size: int | None) -> None:
     """Two hosts, each a bridge + TAP + container, joined only by a relay between the TAPs.
 
@@ -602,7 +593,7 @@ def test_tcp_stream_through_taps(testbed: Testbed, fds: list[int], vnet: bool, t
     stream must arrive intact.
     """
     mtu, size = 1376, 4 << 20
-    hosts = [testbed.add_host(), testbed.add_host()]
+    hosts = [module_testbed.add_host(), module_testbed.add_host()]
     ctrs = []
     for i, h in enumerate(hosts, 1):
         br.ensure_bridge(mtu=mtu, netns=h.netns)

@@ -30,18 +30,9 @@ A2 = ipaddress.IPv4Interface("10.40.0.2/24")
 B1 = ipaddress.IPv4Interface("10.41.0.1/16")
 
 
-@pytest.fixture(scope="module")
-def testbed() -> Iterator[Testbed]:
-    tb = Testbed()
-    try:
-        yield tb
-    finally:
-        tb.close()
-
-
 @pytest.fixture
-def host(testbed: Testbed) -> Host:
-    h = testbed.add_host()
+def host(module_testbed: Testbed) -> Host:
+    h = module_testbed.add_host()
     br.ensure_bridge(netns=h.netns)
     return h
 
@@ -245,11 +236,11 @@ def test_attach_rolls_back_only_what_it_added(host: Host, monkeypatch: pytest.Mo
     assert ct.list_attached(netns=host.netns) == [first]
 
 
-def test_attach_missing_container_or_bridge(testbed: Testbed, host: Host) -> None:
+def test_attach_missing_container_or_bridge(module_testbed: Testbed, host: Host) -> None:
     with pytest.raises(ContainerError, match="does not exist"):
         ct.attach("pwt-no-such-container", [A1], netns=host.netns)
     assert host_veths(host) == set()
-    bare = testbed.add_host()  # no bridge
+    bare = module_testbed.add_host()  # no bridge
     c = bare.add_container("c1")
     with pytest.raises(ContainerError, match="bridge 'weave' not present"):
         ct.attach(c.netns, [A1], netns=bare.netns)
