@@ -21,10 +21,8 @@ from router import __version__
 from router.config import (
     ConfigError,
     RouterConfig,
-    build_parser,
     http_addr,
     parse_args,
-    refuse_unsupported,
     state_dir,
 )
 
@@ -188,9 +186,7 @@ def cmd_launch(args: list[str]) -> int:
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        refuse_unsupported(args)
-        build_parser("weave launch").parse_args(args)
-        cfg = parse_args(args)
+        cfg = parse_args(args, "weave launch")
     except ConfigError as exc:
         raise CliError(f"weave launch: {exc}") from None
     listeners = _listen(cfg)

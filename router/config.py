@@ -118,9 +118,9 @@ def refuse_unsupported(argv: list[str]) -> None:
             )
 
 
-def parse_args(argv: list[str]) -> RouterConfig:
+def parse_args(argv: list[str], prog: str = "weaver") -> RouterConfig:
     refuse_unsupported(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     directory = state_dir()
     if not 0 < args.port < 65535:
         raise ConfigError(f"--port {args.port}: must be 1..65534 (the overlay also uses port+1)")
