@@ -180,15 +180,15 @@ def _wait_ready(child: int, ready_r: int, log_path: Path) -> None:
 def cmd_launch(args: list[str]) -> int:
     if os.geteuid() != 0:
         raise CliError("weave launch must be run as root")
+    try:
+        cfg = parse_args(args, "weave launch")
+    except ConfigError as exc:
+        raise CliError(f"weave launch: {exc}") from None
     pid = _running_pid()
     if pid is not None:
         raise CliError(f"weave is already running (pid {pid}); `weave stop` first")
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    try:
-        cfg = parse_args(args, "weave launch")
-    except ConfigError as exc:
-        raise CliError(f"weave launch: {exc}") from None
     listeners = _listen(cfg)
     log_path = directory / "weaver.log"
     ready_r, ready_w = os.pipe()
