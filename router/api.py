@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ipam_crdt.http import ipam_routes
-from router import status
+from router import ratelog, status
 from router.mesh import Mesh
 from weavedns.http import dns_routes
 
@@ -73,6 +73,18 @@ class MeshCollector:
         stats = getattr(self.mesh.overlay, "datapath_stats", None)
         if stats is not None:
             yield from sleeve_metrics(stats())
+        yield rejected_inputs_metric(ratelog.REJECTS.counts)
+
+
+def rejected_inputs_metric(counts: dict[tuple[str, str], int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(
+        "pyweave_inputs_rejected",
+        "Inputs from outside (packets, frames, requests) rejected, by component and reason.",
+        labels=["component", "reason"],
+    )
+    for (component, reason), n in sorted(counts.items()):
+        family.add_metric([component, reason], n)
+    return family
 
 
 # DataPath.stats keys that count datagrams or frames the sleeve dropped, by reason.
