@@ -37,6 +37,17 @@ from typing import Protocol
 
 from dnslib import PTR, RR, A, DNSHeader, DNSLabel, DNSRecord
 
+from router import ratelog
+from weavedns.query import (
+    EDNS_VERSION,
+    MAX_ADDITIONAL,
+    RCODE_BADVERS,
+    TYPE_OPT,
+    BadQuery,
+    Edns,
+    read_additional,
+    read_query,
+)
 from weavedns.wire import format_addr
 
 log = logging.getLogger(__name__)
@@ -48,11 +59,12 @@ __all__ = [
 DEFAULT_DOMAIN = "weave.local."
 DEFAULT_TTL = 1
 MIN_UDP_SIZE = 512
+# Our own EDNS UDP payload size: what we advertise, and the most a UDP reply holds.
+MAX_UDP_SIZE = 4096
 MAX_TCP_SIZE = 65535
 
 TYPE_A = 1
 TYPE_PTR = 12
-TYPE_OPT = 41
 CLASS_IN = 1
 
 RCODE_NOERROR = 0
@@ -60,6 +72,7 @@ RCODE_FORMERR = 1
 RCODE_SERVFAIL = 2
 RCODE_NXDOMAIN = 3
 RCODE_NOTIMP = 4
+_RCODE_NAMES = {1: "FORMERR", 2: "SERVFAIL", 4: "NOTIMP", 16: "BADVERS"}
 
 _QR = 0x8000
 _AA = 0x0400
@@ -253,8 +266,11 @@ class AnswerEngine:
 
     # ---------------------------------------------------------------- public API
 
-    def answer(self, query: bytes, tcp: bool = False) -> bytes | Forward | None:
-        """The reply to send, Forward (ask upstream), or None (send nothing)."""
+    def answer(self, query: bytes, tcp: bool = False, source: object = None) -> bytes | Forward | None:
+        """The reply to send, Forward (ask upstream), or None (send nothing).
+
+        Never raises on any input: every query is checked by weavedns.query first, and what
+        fails gets its error reply (counted and logged rate-limited, naming `source`)."""
         if type(query) is not bytes:
             query = bytes(query)
         # A new dict per zone version (not clear()): a thread still filling the old one
@@ -265,28 +281,37 @@ class AnswerEngine:
             self._cache_version = version
         cache = self._cache
         n = len(query)
-        # Fast path: QR=0, opcode QUERY, counts 1/0/0/<=2.
-        if n < 17 or query[2] & 0xF8 or query[4:10] != b"\x00\x01\x00\x00\x00\x00" or query[10]:
-            return self._answer_general(query, tcp)
-        ar = query[11]
-        if ar > 2:
-            return self._answer_general(query, tcp)
-        qend = query.find(0, 12) + 5
-        if qend < 17 or qend > n:
-            return self._answer_general(query, tcp)
-        key = query[12:qend]
-        hit = cache.get(key)
+        # Fast path: QR=0, opcode QUERY, counts 1/0/0/<=2, a question the cache holds (only
+        # questions `_compile` checked get there) and a well-formed additional section.
+        if n >= 17 and not query[2] & 0xF8 and query[4:10] == b"\x00\x01\x00\x00\x00\x00" and not query[10]:
+            ar = query[11]
+            qend = query.find(0, 12) + 5
+            if ar <= MAX_ADDITIONAL and 17 <= qend <= n:
+                key = query[12:qend]
+                hit = cache.get(key)
+                if hit is None:
+                    hit = self._compile(key, cache)
+                if hit is not None:
+                    edns = None
+                    if ar or qend != n:
+                        try:
+                            edns = read_additional(query, qend, ar)
+                        except BadQuery as bad:
+                            return self._reject(query, bad, source)
+                    return self._reply(query, hit, edns, tcp)
+        try:
+            checked = read_query(query)
+        except BadQuery as bad:
+            return self._reject(query, bad, source)
+        hit = cache.get(checked.question)
         if hit is None:
-            hit = self._compile(key, cache)
-            if hit is None:
-                return self._answer_general(query, tcp)
-        max_size = MAX_TCP_SIZE if tcp else MIN_UDP_SIZE
-        if ar:
-            edns = _edns_size(query, qend, ar)
-            if edns < 0:
-                return self._error(query, RCODE_FORMERR, with_question=False)
-            if not tcp and edns > MIN_UDP_SIZE:
-                max_size = edns
+            hit = self._compile(checked.question, cache)
+            if hit is None:  # cannot happen for a checked question; refuse rather than guess
+                return self._reject(query, BadQuery("formerr", RCODE_FORMERR, "unusable question"), source)
+        return self._reply(query, hit, checked.edns, tcp)
+
+    def _reply(self, query: bytes, hit: _Compiled, edns: Edns | None, tcp: bool) -> bytes | Forward:
+        max_size = MAX_TCP_SIZE if tcp else _udp_limit(edns)
         if hit.forward:
             return Forward(None if tcp else max_size)
         flags = hit.flags[((query[2] << 8) | query[3]) & _ECHOED]
@@ -300,6 +325,28 @@ class AnswerEngine:
         rrs = list(hit.rrs)
         self._rng.shuffle(rrs)
         return query[:2] + flags + struct.pack("!HHHH", 1, len(rrs), 0, 0) + hit.question + b"".join(rrs)
+
+    def _reject(self, query: bytes, bad: BadQuery, source: object) -> bytes | None:
+        """Count and log (rate-limited) a refused query; its error reply, or None."""
+        level = logging.INFO if bad.rcode is None else logging.WARNING
+        what = _RCODE_NAMES.get(bad.rcode, "dropped") if bad.rcode is not None else "dropped"
+        ratelog.reject(log, "dns", bad.reason, "DNS query from %s: %s (%s)", source or "?", what, bad.detail,
+                       level=level)
+        if bad.rcode is None:
+            return None
+        if bad.rcode == RCODE_BADVERS:
+            return self._badvers(query)
+        return self._error(query, bad.rcode, with_question=False)
+
+    def _badvers(self, query: bytes) -> bytes:
+        """RFC 6891 §6.1.3: BADVERS (16: 0 in the header, 1 in the OPT's extended RCODE),
+        with an OPT record carrying the version we do implement."""
+        qid, flags = struct.unpack_from("!HH", query)
+        reply_flags = _QR | (flags & _ECHOED) | _RA | (RCODE_BADVERS & 0xF)
+        question = _raw_question(query) or b""
+        ttl = ((RCODE_BADVERS >> 4) << 24) | (EDNS_VERSION << 16)
+        opt = b"\x00" + struct.pack("!HHIH", TYPE_OPT, MAX_UDP_SIZE, ttl, 0)
+        return struct.pack("!6H", qid, reply_flags, 1 if question else 0, 0, 0, 1) + question + opt
 
     def _compile(self, question: bytes, cache: dict[bytes, _Compiled]) -> _Compiled | None:
         """Build the cache entry for raw question bytes, or None if the fast parse does not apply."""
@@ -349,23 +396,6 @@ class AnswerEngine:
 
     # ---------------------------------------------------------------- general path (dnslib)
 
-    def _answer_general(self, query: bytes, tcp: bool) -> bytes | Forward | None:
-        if len(query) < 12:
-            return None  # not even a header: nothing to reply to
-        qid, flags, qd, an, ns, ar = struct.unpack_from("!6H", query)
-        if flags & _QR:
-            return None
-        if (flags >> 11) & 0xF != 0:
-            return self._error(query, RCODE_NOTIMP, with_question=False)
-        if qd != 1 or an > 1 or ns > 1 or ar > 2:
-            return self._error(query, RCODE_FORMERR, with_question=False)
-        try:
-            request = DNSRecord.parse(query)
-        except Exception as exc:  # dnslib raises assorted errors on malformed input
-            log.debug("malformed DNS query: %s", exc)
-            return self._error(query, RCODE_FORMERR, with_question=False)
-        return self.answer_record(request, tcp)
-
     def answer_record(self, request: DNSRecord, tcp: bool = False) -> bytes | Forward:
         """Answer a parsed query with dnslib encoding (the reference the fast path matches)."""
         question = request.questions[0]
@@ -373,7 +403,7 @@ class AnswerEngine:
         max_size = MAX_TCP_SIZE if tcp else MIN_UDP_SIZE
         for rr in request.ar:
             if rr.rtype == TYPE_OPT and not tcp and rr.rclass > MIN_UDP_SIZE:
-                max_size = rr.rclass
+                max_size = min(rr.rclass, MAX_UDP_SIZE)
         plan = self._decide(labels, question.qtype)
         if plan.forward:
             return Forward(None if tcp else max_size)
@@ -433,6 +463,8 @@ class AnswerEngine:
         Weave passes upstream replies through (compressed if too big); one that still
         exceeds the client's limit is cut to header and question with TC set.
         """
+        if len(response) < 12:
+            return self._error(query, RCODE_SERVFAIL, with_question=True) or b""
         response = query[:2] + response[2:]
         if max_size is None or len(response) <= max_size:
             return response
@@ -443,9 +475,12 @@ class AnswerEngine:
                 return packed
             cut = DNSRecord(DNSHeader(id=record.header.id, bitmap=record.header.bitmap, tc=1), q=record.q)
             return bytes(cut.pack())
-        except Exception as exc:  # an upstream reply we cannot parse: hand it on unchanged
+        except Exception as exc:  # dnslib cannot read it: cut it ourselves, never send it whole
             log.debug("cannot re-encode upstream reply: %s", exc)
-            return response
+        flags = ((response[2] << 8) | response[3]) | _TC
+        question = _raw_question(response)
+        count = 1 if question is not None and struct.unpack_from("!H", response, 4)[0] >= 1 else 0
+        return query[:2] + struct.pack("!5H", flags, count, 0, 0, 0) + (question if count else b"")
 
 
 def _raw_question(query: bytes) -> bytes | None:
@@ -465,31 +500,9 @@ def _raw_question(query: bytes) -> bytes | None:
     return None
 
 
-def _edns_size(query: bytes, pos: int, count: int) -> int:
-    """The EDNS0 UDP size from the additional records at `pos` (0: none), or -1 if malformed."""
-    n = len(query)
-    size = 0
-    for _ in range(count):
-        # Owner name (the root for OPT; tolerate any name, pointers end it).
-        while True:
-            if pos >= n:
-                return -1
-            length = query[pos]
-            if length == 0:
-                pos += 1
-                break
-            if length >= 0xC0:
-                pos += 2
-                break
-            if length > 63:
-                return -1
-            pos += 1 + length
-        if pos + 10 > n:
-            return -1
-        rtype, rclass, _ttl, rdlen = struct.unpack_from("!HHIH", query, pos)
-        pos += 10 + rdlen
-        if pos > n:
-            return -1
-        if rtype == TYPE_OPT:
-            size = rclass
-    return size
+def _udp_limit(edns: Edns | None) -> int:
+    """The most a UDP reply may hold: the requester's EDNS size (RFC 6891 §6.2.3: at
+    least 512), capped at ours so a spoofed query cannot ask for a huge datagram."""
+    if edns is None or edns.udp_size <= MIN_UDP_SIZE:
+        return MIN_UDP_SIZE
+    return min(edns.udp_size, MAX_UDP_SIZE)

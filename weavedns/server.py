@@ -7,8 +7,19 @@ concatenation); only queries that must be forwarded upstream are handed to trio,
 forwarding run as trio tasks. `DNSServer.run` is a trio task: start it with
 ``await nursery.start(server.run)``; cancelling it stops everything.
 
-Bad input never stops the server: the engine drops or answers FORMERR, and any
-unexpected error is logged and the packet dropped.
+Bad input never stops the server: the engine checks every query once and drops it or
+answers FORMERR/NOTIMP/BADVERS; an unexpected error answering one query gets SERVFAIL.
+Every such event is counted in /metrics and logged at most once per interval
+(router.ratelog), never with a traceback per packet.
+
+TCP connections are bounded so that an honest client is always served (RFC 7766 §6.2.3
+leaves the numbers to the server): a connection must deliver each whole query within
+`tcp_idle_timeout` of the previous reply (or of opening), and read its reply within as
+long; a source address holds at most `tcp_per_source` connections and all sources at
+most `tcp_max_connections`. A new connection over either bound closes the oldest *idle*
+connection in its way (one waiting for a query, possibly mid-way through a slow one)
+rather than being refused; it is refused only when every connection in its way is busy
+answering, which the upstream timeout bounds.
 """
 
 from __future__ import annotations
@@ -18,11 +29,12 @@ import logging
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from router import ratelog
 from weavedns.answer import DEFAULT_DOMAIN, DEFAULT_TTL, AnswerEngine, Forward
 from weavedns.records import Nameserver
 from weavedns.upstream import DEFAULT_TIMEOUT, Forwarder, UpstreamConfig
@@ -35,8 +47,14 @@ __all__ = ["DNSServer", "ServerStats", "make_server"]
 _UDP_RECV_SIZE = 4096
 # A larger receive buffer absorbs bursts while the UDP thread waits for the GIL.
 _UDP_RCVBUF = 1 << 20
-_TCP_IDLE_TIMEOUT = 10.0
-_MAX_TCP_CONNECTIONS = 256
+# Stub resolvers (glibc after a TC reply) send their query as soon as they connect and
+# close after the answer, so a few seconds is plenty for them, while a client holding
+# connections open costs us a slot for no more than that. RFC 7766 suggests more for
+# idle keep-alive, but these bounds only bite a client that sends nothing.
+TCP_IDLE_TIMEOUT = 5.0
+MAX_TCP_CONNECTIONS = 256
+# One container (one address) rarely needs more than a few at once.
+MAX_TCP_PER_SOURCE = 16
 # Forwards waiting for an upstream at once; beyond this new ones get SERVFAIL at once.
 _MAX_PENDING_FORWARDS = 1024
 
@@ -48,6 +66,18 @@ class ServerStats:
     forwarded: int = 0
     servfail: int = 0
     errors: int = 0
+    tcp_evicted: int = 0
+    tcp_refused: int = 0
+    tcp_timeouts: int = 0
+
+
+@dataclass(eq=False)
+class _TcpConn:
+    """One TCP client: `busy` while a query is being answered (it is then not idle)."""
+
+    source: str
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    busy: bool = False
 
 
 class DNSServer:
@@ -61,6 +91,9 @@ class DNSServer:
         port: int = 53,
         *,
         tcp: bool = True,
+        tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
+        tcp_max_connections: int = MAX_TCP_CONNECTIONS,
+        tcp_per_source: int = MAX_TCP_PER_SOURCE,
     ) -> None:
         self.engine = engine
         self.forwarder = forwarder
@@ -74,7 +107,12 @@ class DNSServer:
         self._pending_forwards = 0
         # Forward bookkeeping is touched by the UDP thread and the trio thread.
         self._lock = threading.Lock()
-        self._tcp_connections = 0
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.tcp_max_connections = tcp_max_connections
+        self.tcp_per_source = tcp_per_source
+        # Oldest first (dicts keep insertion order): where eviction looks.
+        self._tcp_conns: dict[_TcpConn, None] = {}
+        self._tcp_per_source: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
 
     def report(self, nameserver: Nameserver) -> dict[str, Any]:
@@ -180,11 +218,9 @@ class DNSServer:
                 return
             stats.udp_queries += 1
             try:
-                reply = answer(data)
-            except Exception:
-                stats.errors += 1
-                log.exception("error answering a UDP query from %s", addr)
-                continue
+                reply = answer(data, False, addr[0])
+            except Exception as exc:
+                reply = self._internal_error(data, exc, addr[0])
             if isinstance(reply, Forward):
                 reply = self._dispatch_forward(token, data, addr, reply)
             if reply is None:
@@ -193,6 +229,20 @@ class DNSServer:
                 send(reply, addr)
             except OSError as exc:
                 log.debug("UDP send to %s failed: %s", addr, exc)
+
+    def _internal_error(self, data: bytes, exc: Exception, source: str) -> bytes | None:
+        """SERVFAIL for a query whose answering raised: a bug, counted and logged
+        rate-limited with the exception's type but no traceback (one per packet would
+        fill the disk)."""
+        with self._lock:
+            self.stats.errors += 1
+            self.stats.servfail += 1
+        ratelog.reject(log, "dns", "internal_error", "error answering a DNS query from %s: %s: %s",
+                       source, type(exc).__name__, exc, level=logging.ERROR)
+        try:
+            return self.engine.error_response(data)
+        except Exception:  # as broken as the engine: send nothing
+            return None
 
     def _dispatch_forward(
         self, token: trio.lowlevel.TrioToken, data: bytes, addr: tuple[str, int], decision: Forward
@@ -252,28 +302,86 @@ class DNSServer:
         await trio.serve_listeners(self._tcp_connection, listeners)
 
     async def _tcp_connection(self, stream: trio.SocketStream) -> None:
-        if self._tcp_connections >= _MAX_TCP_CONNECTIONS:
+        try:
+            source = str(stream.socket.getpeername()[0])
+        except OSError:  # already gone
             await stream.aclose()
             return
-        self._tcp_connections += 1
+        conn = _TcpConn(source)
+        if not self._admit(conn):
+            self.stats.tcp_refused += 1
+            ratelog.reject(log, "dns", "tcp_busy", "refusing a DNS TCP connection from %s: %d busy",
+                           source, len(self._tcp_conns))
+            await trio.aclose_forcefully(stream)
+            return
         try:
-            async with stream:
-                buf = bytearray()
-                while True:
-                    data = await self._read_message(stream, buf)
-                    if data is None:
-                        return
-                    reply = await self._tcp_reply(data)
-                    if reply is not None:
-                        await stream.send_all(struct.pack("!H", len(reply)) + reply)
+            with conn.scope:
+                async with stream:
+                    await self._tcp_serve(stream, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            self._tcp_connections -= 1
+            self._release(conn)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    async def _tcp_serve(self, stream: trio.SocketStream, conn: _TcpConn) -> None:
+        buf = bytearray()
+        while True:
+            data = await self._read_message(stream, buf)
+            if data is None:
+                return
+            conn.busy = True
+            reply = await self._tcp_reply(data, conn.source)
+            if reply is not None:
+                with trio.move_on_after(self.tcp_idle_timeout) as sending:
+                    await stream.send_all(struct.pack("!H", len(reply)) + reply)
+                if sending.cancelled_caught:
+                    self.stats.tcp_timeouts += 1
+                    return  # it does not read its replies
+            conn.busy = False
+
+    def _admit(self, conn: _TcpConn) -> bool:
+        """Make room for `conn` under both bounds by closing older idle connections; False
+        (refuse it) if the connections in its way are all busy."""
+        if self._tcp_per_source.get(conn.source, 0) >= self.tcp_per_source:
+            if not self._evict(conn.source):
+                return False
+        if len(self._tcp_conns) >= self.tcp_max_connections:
+            if not self._evict(None):
+                return False
+        self._tcp_conns[conn] = None
+        self._tcp_per_source[conn.source] = self._tcp_per_source.get(conn.source, 0) + 1
+        return True
+
+    def _evict(self, source: str | None) -> bool:
+        """Close the oldest idle connection (from `source`, if given); False if none."""
+        old = next(
+            (c for c in self._tcp_conns if not c.busy and (source is None or c.source == source)), None
+        )
+        if old is None:
+            return False
+        old.scope.cancel()
+        self._release(old)  # its slot is free at once; its task closes the socket
+        self.stats.tcp_evicted += 1
+        ratelog.reject(log, "dns", "tcp_evicted", "closing an idle DNS TCP connection from %s to make room",
+                       old.source, level=logging.INFO)
+        return True
+
+    def _release(self, conn: _TcpConn) -> None:
+        if conn not in self._tcp_conns:
+            return
+        del self._tcp_conns[conn]
+        left = self._tcp_per_source[conn.source] - 1
+        if left:
+            self._tcp_per_source[conn.source] = left
+        else:
+            del self._tcp_per_source[conn.source]
 
     async def _read_message(self, stream: trio.SocketStream, buf: bytearray) -> bytes | None:
-        """The next length-prefixed message, or None on EOF/idle timeout."""
-        with trio.move_on_after(_TCP_IDLE_TIMEOUT):
+        """The next length-prefixed message, or None on EOF or when the whole message did
+        not arrive within the idle bound (a slow sender counts as idle)."""
+        with trio.move_on_after(self.tcp_idle_timeout):
             while True:
                 if len(buf) >= 2:
                     size = (buf[0] << 8) | buf[1]
@@ -285,16 +393,15 @@ class DNSServer:
                 if not chunk:
                     return None
                 buf += chunk
+        self.stats.tcp_timeouts += 1
         return None
 
-    async def _tcp_reply(self, data: bytes) -> bytes | None:
+    async def _tcp_reply(self, data: bytes, source: str) -> bytes | None:
         self.stats.tcp_queries += 1
         try:
-            reply = self.engine.answer(data, tcp=True)
-        except Exception:
-            self.stats.errors += 1
-            log.exception("error answering a TCP query")
-            return None
+            reply = self.engine.answer(data, True, source)
+        except Exception as exc:
+            return self._internal_error(data, exc, source)
         if isinstance(reply, Forward):
             return await self._forward(data, tcp=True, max_size=None)
         return reply
