@@ -19,7 +19,7 @@ from router import ratelog
 from weavedns.answer import AnswerEngine, Forward
 from weavedns.records import Nameserver
 from weavedns.server import DNSServer
-from weavedns.wire import parse_addr
+from weavedns.wire import Entry, GossipMessage, decode_gossip, encode_gossip, parse_addr
 
 US = 0x029900000001
 NOW = 1_795_241_052
@@ -149,7 +149,7 @@ def test_udp_size_is_capped(engine: AnswerEngine) -> None:
 
 
 def _labels_readable(reply: bytes) -> bool:
-    """Whether the echoed question's labels are UTF-8 (dnslib refuses others, the DNS allows them)."""
+    """Whether a message's question labels are UTF-8 (dnslib refuses others, the DNS allows them)."""
     pos = 12
     while pos < len(reply) and reply[pos]:
         label = reply[pos + 1 : pos + 1 + reply[pos]]
@@ -159,6 +159,15 @@ def _labels_readable(reply: bytes) -> bool:
             return False
         pos += 1 + reply[pos]
     return True
+
+
+def _question_end(raw: bytes) -> int | None:
+    pos = 12
+    while pos < len(raw) and raw[pos]:
+        if raw[pos] > 63:
+            return None
+        pos += 1 + raw[pos]
+    return pos + 5 if pos + 5 <= len(raw) else None
 
 
 LABEL = st.one_of(st.binary(min_size=1, max_size=70), st.integers(0, 255).map(lambda b: bytes((b,))))
@@ -184,7 +193,12 @@ def test_any_bytes_get_a_parseable_reply_or_none(data: bytes, tcp: bool) -> None
     if reply is None:
         return
     if isinstance(reply, Forward):
-        DNSRecord.parse(data)  # only well-formed queries ever go upstream
+        # Only well-formed queries go upstream. dnslib is stricter than the DNS about the
+        # other records' data (it refuses any empty one but OPT), so it reads the question.
+        end = _question_end(data)
+        assert end is not None and data[2] & 0x80 == 0
+        if _labels_readable(data):
+            DNSRecord.parse(data[:4] + b"\x00\x01" + b"\x00" * 6 + data[12:end])
         return
     assert isinstance(reply, bytes) and reply[:2] == data[:2] and reply[2] & 0x80
     if _labels_readable(reply):
@@ -346,3 +360,57 @@ async def test_idle_tcp_connections_are_closed_after_the_idle_bound() -> None:
 async def test_default_idle_bound_is_a_few_seconds() -> None:
     server = DNSServer(AnswerEngine(zone_with_alpha()), None, LOOPBACK, 0)
     assert 1.0 <= getattr(server, "tcp_idle_timeout", 10.0) <= 5.0
+
+
+# ----------------------------------------------------------------- gossip from peers
+
+PEER = 0x0AAA00000002
+
+
+def gossip(*entries: Entry) -> bytes:
+    return encode_gossip(GossipMessage(NOW, entries))
+
+
+def test_gossip_claiming_our_entry_at_the_largest_version_cannot_break_our_gossip() -> None:
+    # Once, this made us override it at version 2**63, which gob cannot encode: every
+    # periodic gossip of our full state (and every new connection's) then raised.
+    ns = Nameserver(US, lambda p: True, clock=lambda: NOW)
+    ns.add_entry("alpha.weave.local.", "ca", parse_addr("10.40.0.1"))
+    before = rejected("gossip_entry_range")
+    for version in (2**63 - 1, 2**63 - 2, -5):
+        ns.on_gossip(gossip(Entry("alpha.weave.local.", US, "ca", parse_addr("10.40.0.1"), version, 0)))
+        ns.on_gossip(gossip(Entry("ghost.weave.local.", US, "cg", parse_addr("10.40.0.2"), version, 0)))
+        ns.on_gossip(gossip(Entry("other.weave.local.", PEER, "co", parse_addr("10.40.0.3"), 0, version)))
+    [payload] = ns.gossip().encode()
+    decode_gossip(payload, NOW)
+    assert ns.lookup("alpha.weave.local.") == (parse_addr("10.40.0.1"),)
+    assert ns.delete(hostname="alpha.weave.local.") is not None
+    ns.gossip().encode()
+    assert rejected("gossip_entry_range") - before == 9
+
+
+def test_gossip_entries_that_dns_cannot_serve_are_dropped_not_the_message() -> None:
+    ns = Nameserver(US, lambda p: True, clock=lambda: NOW)
+    good = Entry("good.weave.local.", PEER, "c1", parse_addr("10.40.0.9"), 1, 0)
+    huge = Entry("h" * 100_000 + ".weave.local.", PEER, "c2", parse_addr("10.40.0.8"), 1, 0)
+    long_id = Entry("x.weave.local.", PEER, "c" * 5000, parse_addr("10.40.0.7"), 1, 0)
+    ns.on_gossip(gossip(good, huge, long_id))
+    assert [e.hostname for e in ns.entries()] == ["good.weave.local."]
+
+
+def test_one_peer_cannot_fill_our_memory_with_entries() -> None:
+    from weavedns import records
+
+    ns = Nameserver(US, lambda p: True, clock=lambda: NOW)
+    limit = getattr(records, "MAX_ENTRIES_PER_ORIGIN", 32768)
+    before = rejected("gossip_entry_limit")
+    batch = 4096
+    for start in range(0, limit + batch, batch):
+        ns.on_gossip(gossip(*(Entry(f"n{i}.weave.local.", PEER, f"c{i}", i, 0, 0)
+                              for i in range(start, start + batch))))
+    assert len(ns) == limit
+    assert rejected("gossip_entry_limit") - before == batch
+    # Our own names and updates of entries already held still get in.
+    ns.add_entry("mine.weave.local.", "cm", parse_addr("10.40.1.1"))
+    ns.on_gossip(gossip(Entry("n0.weave.local.", PEER, "c0", 0, 1, NOW)))
+    assert ns.lookup("mine.weave.local.") and not ns.lookup("n0.weave.local.")

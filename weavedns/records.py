@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
+from router import ratelog
 from router.gossip_api import Action, SendBroadcast
 from router.peername import format_peer_name
 from weavedns.wire import (
@@ -36,6 +37,21 @@ from weavedns.wire import (
 log = logging.getLogger(__name__)
 
 _K = TypeVar("_K")
+
+# Bounds on what a peer's gossip may make us hold. Versions only ever grow by one per
+# change, so no honest entry comes near MAX_VERSION; the headroom keeps our own
+# increments (overriding a claimed entry, deleting) inside Go's int64, which gob must
+# encode: an entry at 2**63 - 1 claiming to be ours once made every later gossip of the
+# full state fail to encode.
+MAX_VERSION = 1 << 62
+MAX_TOMBSTONE = 1 << 62
+# A hostname longer than a DNS name can never be looked up; container IDs are 64 hex
+# digits in Docker and short in CNI.
+MAX_HOSTNAME_BYTES = 255
+MAX_CONTAINER_ID_BYTES = 1024
+# Entries (tombstones included) held per origin peer: honest hosts hold a few hundred
+# containers; the bound keeps one peer from filling our memory with made-up ones.
+MAX_ENTRIES_PER_ORIGIN = 32768
 
 __all__ = ["Nameserver", "NameserverGossip", "broadcast_actions", "supersedes", "merge_entries", "name_key"]
 
@@ -126,6 +142,7 @@ class Nameserver:
         self._clock = clock
         self._on_broadcast = on_broadcast
         self._entries: dict[Key, Entry] = {}
+        self._per_origin: dict[int, int] = {}
         self._name_keys: dict[bytes, set[Key]] = {}
         self._addr_keys: dict[int, set[Key]] = {}
         # Published views, read by server threads.
@@ -263,6 +280,11 @@ class Nameserver:
         received: list[Entry] = []
         overrides: list[Entry] = []
         for e in message.entries:
+            reason = self._refusal(e)
+            if reason is not None:
+                ratelog.reject(log, "dns", reason, "dropping nameserver gossip entry %.300r: %s", e,
+                               _REFUSALS[reason])
+                continue
             if e.origin == self.our_name:
                 ours = self._entries.get(e.key)
                 if ours is not None:
@@ -288,6 +310,18 @@ class Nameserver:
                 self._outbox.append(data)
         return message.timestamp, received, changed
 
+    def _refusal(self, e: Entry) -> str | None:
+        """Why a received entry is dropped (a constant reason), or None to take it."""
+        if not (0 <= e.version <= MAX_VERSION and 0 <= e.tombstone <= MAX_TOMBSTONE):
+            return "gossip_entry_range"
+        if len(name_key(e.hostname)) > MAX_HOSTNAME_BYTES or not e.hostname:
+            return "gossip_entry_hostname"
+        if len(e.container_id.encode("utf-8", "surrogateescape")) > MAX_CONTAINER_ID_BYTES:
+            return "gossip_entry_container"
+        if e.key not in self._entries and self._per_origin.get(e.origin, 0) >= MAX_ENTRIES_PER_ORIGIN:
+            return "gossip_entry_limit"
+        return None
+
     # ------------------------------------------------------------ storage
 
     def _merge(self, incoming: Iterable[Entry]) -> list[Entry]:
@@ -304,6 +338,8 @@ class Nameserver:
         names: set[bytes] = set()
         addrs: set[int] = set()
         for e in entries:
+            if e.key not in self._entries:
+                self._per_origin[e.origin] = self._per_origin.get(e.origin, 0) + 1
             self._entries[e.key] = e
             n = name_key(e.hostname)
             self._name_keys.setdefault(n, set()).add(e.key)
@@ -317,6 +353,11 @@ class Nameserver:
         addrs: set[int] = set()
         for k in keys:
             e = self._entries.pop(k)
+            left = self._per_origin[e.origin] - 1
+            if left:
+                self._per_origin[e.origin] = left
+            else:
+                del self._per_origin[e.origin]
             n = name_key(e.hostname)
             _discard(self._name_keys, n, k)
             _discard(self._addr_keys, e.addr, k)
@@ -341,6 +382,14 @@ class Nameserver:
             else:
                 self._reverse.pop(a, None)
         self._version += 1
+
+
+_REFUSALS = {
+    "gossip_entry_range": "version or tombstone out of range",
+    "gossip_entry_hostname": "hostname empty or longer than a DNS name",
+    "gossip_entry_container": "container ID too long",
+    "gossip_entry_limit": f"its origin already has {MAX_ENTRIES_PER_ORIGIN} entries",
+}
 
 
 def _discard(index: dict[_K, set[Key]], bucket_key: _K, key: Key) -> None:
