@@ -37,6 +37,12 @@ def make_zone() -> Nameserver:
 ZONE = make_zone()
 
 
+@pytest.fixture(autouse=True)
+def fresh_rejects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with its own rate-limit state (other tests' lines hold back ours)."""
+    monkeypatch.setattr(ratelog, "REJECTS", ratelog.RateLimitedLog())
+
+
 @pytest.fixture
 def engine() -> AnswerEngine:
     return AnswerEngine(ZONE, rng=random.Random(7))
@@ -414,3 +420,15 @@ def test_one_peer_cannot_fill_our_memory_with_entries() -> None:
     ns.add_entry("mine.weave.local.", "cm", parse_addr("10.40.1.1"))
     ns.on_gossip(gossip(Entry("n0.weave.local.", PEER, "c0", 0, 1, NOW)))
     assert ns.lookup("mine.weave.local.") and not ns.lookup("n0.weave.local.")
+
+
+def test_an_edns_query_gets_our_opt_record_back(engine: AnswerEngine) -> None:
+    """RFC 6891 §7: a responder that got an OPT record includes one; DO is copied (RFC 3225)."""
+    for name, edns in (("alpha.weave.local", 1232), ("many.weave.local", 1232), ("many.weave.local", 512)):
+        r = DNSRecord.parse(engine.answer(query(name, edns=edns)))  # type: ignore[arg-type]
+        [o] = [rr for rr in r.ar if rr.rtype == QTYPE.OPT]
+        assert (o.rclass, o.ttl) == (4096, 0) and r.header.rcode == RCODE.NOERROR
+    with_do = header(ar=1) + QUESTION + b"\x00" + struct.pack("!HHIH", 41, 1232, 0x8000, 0)
+    [o] = DNSRecord.parse(engine.answer(with_do)).ar  # type: ignore[arg-type]
+    assert o.ttl == 0x8000
+    assert DNSRecord.parse(engine.answer(query("alpha.weave.local"))).ar == []  # type: ignore[arg-type]

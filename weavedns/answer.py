@@ -12,17 +12,26 @@ Rules, as Weave's nameserver applies them (weave-net.md §6):
   SERVFAIL (`error_response`).
 - Local answers carry AA and RA; error replies RA only. TTL defaults to 1 s.
 - UDP replies with more than one answer are cut to the largest prefix of the shuffled
-  answers that fits 512 bytes (or the client's EDNS0 size) and get TC; TCP is unlimited.
-- Requests are screened the way Weave's DNS library does: responses are ignored,
-  opcodes other than QUERY get NOTIMP, and a count other than one question (or more
-  than one answer / authority or two additional records), or a body that does not
-  parse, gets FORMERR.
+  answers that fits 512 bytes (or the client's EDNS0 size, at most 4096) and get TC;
+  TCP is unlimited.
+- Every query is checked once, strictly, by `weavedns.query` before anything else looks
+  at it (the screen of Weave's DNS library, plus RFC 1035 label rules and RFC 6891):
+  responses and runts are dropped, opcodes other than QUERY get NOTIMP, anything
+  malformed (counts beyond one question / one answer / one authority / two additional
+  records, reserved label types, overlong names, records running past the end, bytes
+  after the last record, more than one OPT) gets a header-only FORMERR, and an EDNS
+  version other than 0 gets BADVERS. Each is counted and logged rate-limited
+  (router.ratelog, component "dns"). Nothing malformed is forwarded.
+- A query with an OPT record gets ours back (RFC 6891 §7; Weave sends none): our UDP
+  size 4096, version 0, DO copied.
 
 Fast path: a query that is a plain single question is looked up by its raw question
 bytes in a cache of pre-built reply tails (counts + question + answers, one per answer
 order for up to four answers), so a hit costs a dict lookup and a concatenation with
 the query's ID and flags. The cache is emptied whenever the zone's `version` changes.
-Everything else goes through dnslib and gives the same replies.
+Only questions that the fast parse checked enter the cache; anything else is read by
+`weavedns.query.read_query` and then answered from the same cache. `answer_record` is
+the dnslib reference the tests hold the fast path to.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from dnslib import PTR, RR, A, DNSHeader, DNSLabel, DNSRecord
+from dnslib import EDNS0, PTR, RR, A, DNSHeader, DNSLabel, DNSRecord
 
 from router import ratelog
 from weavedns.query import (
@@ -315,16 +324,20 @@ class AnswerEngine:
         if hit.forward:
             return Forward(None if tcp else max_size)
         flags = hit.flags[((query[2] << 8) | query[3]) & _ECHOED]
-        if hit.full_len > max_size and len(hit.rrs) > 1:
-            return self._truncated(query[:2], hit, flags, max_size)
+        # RFC 6891 §7: a query with an OPT record gets one back (ours), DO copied (RFC 3225).
+        opt = b"" if edns is None else (_OPT_DO if edns.do else _OPT)
+        if hit.full_len + len(opt) > max_size and len(hit.rrs) > 1:
+            return self._truncated(query[:2], hit, flags, max_size, opt)
         tails = hit.tails
         if tails:
-            if len(tails) == 1:
-                return query[:2] + flags + tails[0]
-            return query[:2] + flags + tails[int(self._rng.random() * len(tails))]
+            tail = tails[0] if len(tails) == 1 else tails[int(self._rng.random() * len(tails))]
+            if opt:
+                return query[:2] + flags + tail[:6] + b"\x00\x01" + tail[8:] + opt
+            return query[:2] + flags + tail
         rrs = list(hit.rrs)
         self._rng.shuffle(rrs)
-        return query[:2] + flags + struct.pack("!HHHH", 1, len(rrs), 0, 0) + hit.question + b"".join(rrs)
+        counts = struct.pack("!HHHH", 1, len(rrs), 0, 1 if opt else 0)
+        return query[:2] + flags + counts + hit.question + b"".join(rrs) + opt
 
     def _reject(self, query: bytes, bad: BadQuery, source: object) -> bytes | None:
         """Count and log (rate-limited) a refused query; its error reply, or None."""
@@ -378,10 +391,10 @@ class AnswerEngine:
         base = _QR | _RA | (_AA if plan.authoritative else 0)
         return _Compiled(False, base, question, rrs, plan.rcode)
 
-    def _truncated(self, qid: bytes, hit: _Compiled, flags: bytes, max_size: int) -> bytes:
+    def _truncated(self, qid: bytes, hit: _Compiled, flags: bytes, max_size: int, opt: bytes) -> bytes:
         rrs = list(hit.rrs)
         self._rng.shuffle(rrs)
-        room = max_size - 12 - len(hit.question)
+        room = max_size - 12 - len(hit.question) - len(opt)
         keep = 0
         used = 0
         for rr in rrs:
@@ -390,9 +403,8 @@ class AnswerEngine:
             used += len(rr)
             keep += 1
         flag_value = struct.unpack("!H", flags)[0] | _TC
-        return (
-            qid + struct.pack("!HHHHH", flag_value, 1, keep, 0, 0) + hit.question + b"".join(rrs[:keep])
-        )
+        counts = struct.pack("!HHHHH", flag_value, 1, keep, 0, 1 if opt else 0)
+        return qid + counts + hit.question + b"".join(rrs[:keep]) + opt
 
     # ---------------------------------------------------------------- general path (dnslib)
 
@@ -401,8 +413,9 @@ class AnswerEngine:
         question = request.questions[0]
         labels = tuple(bytes(lab).lower() for lab in question.qname.label)
         max_size = MAX_TCP_SIZE if tcp else MIN_UDP_SIZE
-        for rr in request.ar:
-            if rr.rtype == TYPE_OPT and not tcp and rr.rclass > MIN_UDP_SIZE:
+        opts = [rr for rr in request.ar if rr.rtype == TYPE_OPT]
+        for rr in opts:
+            if not tcp and rr.rclass > MIN_UDP_SIZE:
                 max_size = min(rr.rclass, MAX_UDP_SIZE)
         plan = self._decide(labels, question.qtype)
         if plan.forward:
@@ -423,6 +436,8 @@ class AnswerEngine:
             self._rng.shuffle(order)
             answers = [RR(question.qname, TYPE_A, ttl=self.ttl, rdata=A(format_addr(a))) for a in order]
         reply.rr = answers
+        if opts:
+            reply.add_ar(EDNS0(udp_len=MAX_UDP_SIZE, flags="do" if opts[0].ttl & 0x8000 else ""))
         packed = bytes(reply.pack())
         if len(answers) > 1 and len(packed) > max_size:
             # Largest prefix that fits, as Weave's binary search finds it.
@@ -498,6 +513,11 @@ def _raw_question(query: bytes) -> bytes | None:
             return None
         pos += 1 + length
     return None
+
+
+# Our OPT record in replies: root owner, our UDP size, extended RCODE 0, version 0.
+_OPT = b"\x00" + struct.pack("!HHIH", TYPE_OPT, MAX_UDP_SIZE, EDNS_VERSION << 16, 0)
+_OPT_DO = b"\x00" + struct.pack("!HHIH", TYPE_OPT, MAX_UDP_SIZE, (EDNS_VERSION << 16) | 0x8000, 0)
 
 
 def _udp_limit(edns: Edns | None) -> int:
