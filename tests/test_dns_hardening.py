@@ -19,6 +19,7 @@ from router import ratelog
 from weavedns.answer import AnswerEngine, Forward
 from weavedns.records import Nameserver
 from weavedns.server import DNSServer
+from weavedns.upstream import Forwarder
 from weavedns.wire import Entry, GossipMessage, decode_gossip, encode_gossip, parse_addr
 
 US = 0x029900000001
@@ -432,3 +433,23 @@ def test_an_edns_query_gets_our_opt_record_back(engine: AnswerEngine) -> None:
     [o] = DNSRecord.parse(engine.answer(with_do)).ar  # type: ignore[arg-type]
     assert o.ttl == 0x8000
     assert DNSRecord.parse(engine.answer(query("alpha.weave.local"))).ar == []  # type: ignore[arg-type]
+
+
+class BrokenForwarder(Forwarder):
+    async def query(self, query: bytes, tcp: bool = False) -> bytes | None:
+        raise UnicodeError("label too long")  # what getaddrinfo raised in defect 1
+
+
+async def test_a_forwarding_bug_answers_servfail_and_the_server_stays_up() -> None:
+    server = DNSServer(AnswerEngine(zone_with_alpha()), BrokenForwarder(lambda: []), LOOPBACK, 0)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(server.run)
+        for _ in range(3):
+            r = DNSRecord.parse(await udp_exchange(address, query("example.com", qid=5)))
+            assert (r.header.id, r.header.rcode) == (5, RCODE.SERVFAIL)
+            with trio.fail_after(2):
+                r = await tcp_query(address, query("example.com", qid=6))
+            assert (r.header.id, r.header.rcode) == (6, RCODE.SERVFAIL)
+        r = DNSRecord.parse(await udp_exchange(address, query("alpha.weave.local", qid=7)))
+        assert [str(rr.rdata) for rr in r.rr] == ["10.40.0.1"]
+        nursery.cancel_scope.cancel()

@@ -278,6 +278,8 @@ class DNSServer:
     async def _udp_forward(self, data: bytes, addr: tuple[str, int], max_size: int | None) -> None:
         try:
             reply = await self._forward(data, tcp=False, max_size=max_size)
+        except Exception as exc:  # a bug: this query gets SERVFAIL, the server goes on
+            reply = self._internal_error(data, exc, addr[0])
         finally:
             self._forward_done()
         if reply is not None and self._udp is not None and not self._stopping:
@@ -320,6 +322,9 @@ class DNSServer:
                     await self._tcp_serve(stream, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception as exc:  # a bug: it ends this connection, never the listener
+            ratelog.reject(log, "dns", "internal_error", "error on a DNS TCP connection from %s: %s: %s",
+                           conn.source, type(exc).__name__, exc, level=logging.ERROR)
         finally:
             self._release(conn)
             with trio.CancelScope(shield=True):
@@ -403,7 +408,10 @@ class DNSServer:
         except Exception as exc:
             return self._internal_error(data, exc, source)
         if isinstance(reply, Forward):
-            return await self._forward(data, tcp=True, max_size=None)
+            try:
+                return await self._forward(data, tcp=True, max_size=None)
+            except Exception as exc:
+                return self._internal_error(data, exc, source)
         return reply
 
 
