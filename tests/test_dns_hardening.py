@@ -453,3 +453,13 @@ async def test_a_forwarding_bug_answers_servfail_and_the_server_stays_up() -> No
         r = DNSRecord.parse(await udp_exchange(address, query("alpha.weave.local", qid=7)))
         assert [str(rr.rdata) for rr in r.rr] == ["10.40.0.1"]
         nursery.cancel_scope.cancel()
+
+
+def test_per_entry_gossip_logs_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    ns = Nameserver(US, lambda p: p == PEER, clock=lambda: NOW)
+    with caplog.at_level(logging.DEBUG, logger="weavedns"):
+        for i in range(500):
+            ns.on_gossip(gossip(Entry(f"s{i}.weave.local.", 0x0BBB00000003, "c", i, 0, 0)))  # unknown peer
+            ns.on_gossip(gossip(Entry(f"m{i}.weave.local.", US, "c", i, 0, 0)))  # claims to be ours
+    assert len([r for r in caplog.records if r.name.startswith("weavedns")]) <= 4
+    assert rejected("gossip_unknown_origin") == 500 and rejected("gossip_claims_ours") == 500

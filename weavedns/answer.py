@@ -491,7 +491,8 @@ class AnswerEngine:
             cut = DNSRecord(DNSHeader(id=record.header.id, bitmap=record.header.bitmap, tc=1), q=record.q)
             return bytes(cut.pack())
         except Exception as exc:  # dnslib cannot read it: cut it ourselves, never send it whole
-            log.debug("cannot re-encode upstream reply: %s", exc)
+            ratelog.reject(log, "dns", "upstream_reply", "cannot re-encode an upstream reply: %s", exc,
+                           level=logging.DEBUG)
         flags = ((response[2] << 8) | response[3]) | _TC
         question = _raw_question(response)
         count = 1 if question is not None and struct.unpack_from("!H", response, 4)[0] >= 1 else 0

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from router import ratelog
 from weavedns.service import DnsInputError, DnsService
 from weavedns.wire import format_addr
 
@@ -50,7 +51,7 @@ async def _param(request: Request, name: str) -> str | None:
 
 
 def _bad_request(exc: DnsInputError) -> Response:
-    log.info("DNS API: %s", exc)
+    ratelog.reject(log, "dns", "api_bad_request", "DNS API: %s", exc, level=logging.INFO)
     return PlainTextResponse(f"{exc}\n", status_code=400)
 
 

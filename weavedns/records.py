@@ -297,12 +297,15 @@ class Nameserver:
                     e = dataclasses.replace(e, version=e.version + 1, tombstone=now)
                     overrides.append(e)
             elif not self._is_known_peer(e.origin):
-                log.debug("dropping entry %s from unknown peer %012x", e, e.origin)
+                ratelog.reject(log, "dns", "gossip_unknown_origin",
+                               "dropping entry %.300r from unknown peer %012x",
+                               e, e.origin, level=logging.DEBUG)
                 continue
             received.append(e)
         changed = self._merge(received)
         if overrides:
-            log.info("overriding %d entries that claim to be ours", len(overrides))
+            ratelog.reject(log, "dns", "gossip_claims_ours", "overriding %d entries that claim to be ours",
+                           len(overrides), level=logging.INFO)
             data = NameserverGossip(now, overrides)
             if self._on_broadcast is not None:
                 self._on_broadcast(data)

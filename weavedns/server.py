@@ -212,7 +212,8 @@ class DNSServer:
             except OSError as exc:
                 if self._stopping:
                     return
-                log.debug("UDP receive failed: %s", exc)
+                ratelog.reject(log, "dns", "udp_receive_failed", "UDP receive failed: %s", exc,
+                               level=logging.DEBUG)
                 continue
             if self._stopping:
                 return
@@ -228,7 +229,8 @@ class DNSServer:
             try:
                 send(reply, addr)
             except OSError as exc:
-                log.debug("UDP send to %s failed: %s", addr, exc)
+                ratelog.reject(log, "dns", "udp_send_failed", "UDP send to %s failed: %s", addr, exc,
+                               level=logging.DEBUG)
 
     def _internal_error(self, data: bytes, exc: Exception, source: str) -> bytes | None:
         """SERVFAIL for a query whose answering raised: a bug, counted and logged
@@ -286,7 +288,8 @@ class DNSServer:
             try:
                 self._udp.sendto(reply, addr)
             except OSError as exc:
-                log.debug("UDP send to %s failed: %s", addr, exc)
+                ratelog.reject(log, "dns", "udp_send_failed", "UDP send to %s failed: %s", addr, exc,
+                               level=logging.DEBUG)
 
     async def _forward(self, data: bytes, tcp: bool, max_size: int | None) -> bytes | None:
         with self._lock:

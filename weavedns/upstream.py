@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import trio
 
+from router import ratelog
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -156,9 +158,11 @@ class Forwarder:
                         reply = await self._tcp(host, port, request, qid)
                 return reply
             except trio.TooSlowError:
-                log.debug("upstream %s:%d timed out", host, port)
+                ratelog.reject(log, "dns", "upstream_timeout", "upstream %s:%d timed out", host, port,
+                               level=logging.DEBUG)
             except (OSError, EOFError) as exc:
-                log.debug("upstream %s:%d failed: %s", host, port, exc)
+                ratelog.reject(log, "dns", "upstream_failed", "upstream %s:%d failed: %s", host, port, exc,
+                               level=logging.DEBUG)
         return None
 
     @staticmethod
@@ -174,7 +178,8 @@ class Forwarder:
                 data = await sock.recv(UDP_BUFFER)
                 if _is_reply_to(data, qid):
                     return data
-                log.debug("ignoring stray datagram from upstream %s:%d", host, port)
+                ratelog.reject(log, "dns", "upstream_stray", "ignoring stray datagram from upstream %s:%d",
+                               host, port, level=logging.DEBUG)
 
     async def _tcp(self, host: str, port: int, request: bytes, qid: int) -> bytes:
         stream = await trio.open_tcp_stream(host, port)
