@@ -10,6 +10,7 @@ like rejections that were not logged since the previous line.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,13 +30,15 @@ class _Slot:
 
 class RateLimitedLog:
     """At most one log line per key per `interval`; the rest are counted, and the next
-    line that is written says how many were held back."""
+    line that is written says how many were held back. Thread-safe: the data paths'
+    threads and the trio thread share the process's instance."""
 
     def __init__(self, interval: float = INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
         self.clock = clock
         self.counts: Counter[tuple[str, str]] = Counter()
         self._slots: dict[tuple[str, str], _Slot] = {}
+        self._lock = threading.Lock()
 
     def reject(
         self,
@@ -49,16 +52,17 @@ class RateLimitedLog:
         """Count one rejected input and log `msg % args` unless this key logged within the
         interval. Returns whether a line was written."""
         key = (component, reason)
-        self.counts[key] += 1
-        now = self.clock()
-        slot = self._slots.get(key)
-        if slot is not None and now - slot.last_logged < self.interval:
-            slot.suppressed += 1
-            return False
-        held = slot.suppressed if slot is not None else 0
-        if slot is None and len(self._slots) >= MAX_KEYS:
-            self._slots.pop(next(iter(self._slots)))
-        self._slots[key] = _Slot(now)
+        with self._lock:
+            self.counts[key] += 1
+            now = self.clock()
+            slot = self._slots.get(key)
+            if slot is not None and now - slot.last_logged < self.interval:
+                slot.suppressed += 1
+                return False
+            held = slot.suppressed if slot is not None else 0
+            if slot is None and len(self._slots) >= MAX_KEYS:
+                self._slots.pop(next(iter(self._slots)))
+            self._slots[key] = _Slot(now)
         if held:
             suffix = " (%d more like it in the last %.0f s not logged)"
             logger.log(level, msg + suffix, *args, held, self.interval)
