@@ -73,7 +73,7 @@ class MeshCollector:
         stats = getattr(self.mesh.overlay, "datapath_stats", None)
         if stats is not None:
             yield from sleeve_metrics(stats())
-        yield rejected_inputs_metric(ratelog.REJECTS.counts)
+        yield rejected_inputs_metric(ratelog.REJECTS.snapshot())
 
 
 def rejected_inputs_metric(counts: dict[tuple[str, str], int]) -> CounterMetricFamily:

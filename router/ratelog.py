@@ -40,6 +40,11 @@ class RateLimitedLog:
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._lock = threading.Lock()
 
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        """The counts so far (a copy: another thread may be adding to them)."""
+        with self._lock:
+            return dict(self.counts)
+
     def reject(
         self,
         logger: logging.Logger,
