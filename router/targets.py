@@ -18,7 +18,9 @@ Peers named on the command line or by `weave connect` are never deferred.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import random
+import re
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
@@ -72,17 +74,113 @@ def discovery_delay(peer: int, ourself: int, first_seen: float | None, joined_at
     return DISCOVERY_DEFER_SHORT if peer < ourself else DISCOVERY_DEFER
 
 
-def normalise_address(text: str, default_port: int = DEFAULT_PORT) -> str:
-    """`host[:port]` with the port made explicit; raises ValueError on nonsense."""
-    text = text.strip()
-    if not text:
+# A peer address as text is at most a 253-character name, brackets, a colon and a port;
+# anything much longer is refused before it is looked at.
+MAX_ADDRESS_TEXT = 300
+MAX_HOSTNAME = 253
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
+_PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
+# An IPv6 zone (scope) is an interface name or number.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}", re.ASCII)
+
+
+class PeerAddress(str):
+    """A validated peer address, ``host:port`` (``[v6]:port`` for IPv6), as text.
+
+    Made only by :func:`normalise_address`. It is the string the connection maker keys
+    its targets by (so it compares equal to plain text), and carries the parts the
+    dialler needs, so they are never split out of the text again: a host that is an IP
+    address or an RFC 1123 host name (ASCII, labels 1..63 characters, 253 in all), and a
+    port in 1..65535. Nothing else may reach getaddrinfo: a 64-character label there
+    raises UnicodeError, not OSError."""
+
+    host: str
+    port: int
+
+    def __new__(cls, host: str, port: int) -> PeerAddress:
+        text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self = super().__new__(cls, text)
+        self.host = host
+        self.port = port
+        return self
+
+
+def valid_hostname(name: str) -> bool:
+    """RFC 1123 host name syntax (one trailing dot allowed); a last label of digits only
+    is refused, since the resolver would read such a name as a (partial) IPv4 address."""
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or len(name) > MAX_HOSTNAME or not name.isascii():
+        return False
+    labels = name.split(".")
+    return all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+
+
+def _host(text: str, bracketed: bool) -> str:
+    """The canonical host, or ValueError saying why `text` is not one."""
+    zone = ""
+    if "%" in text:
+        text, _, zone = text.partition("%")
+        if not _ZONE.fullmatch(zone):
+            raise ValueError("bad IPv6 zone")
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if zone and ip.version != 6:
+            raise ValueError("a zone is only for an IPv6 address")
+        if bracketed and ip.version != 6:
+            raise ValueError("only an IPv6 address goes in brackets")
+        return f"{ip.compressed}%{zone}" if zone else ip.compressed
+    if bracketed or zone:
+        raise ValueError("not an IPv6 address")
+    if not valid_hostname(text):
+        raise ValueError("not an IP address or a valid host name")
+    return text
+
+
+def normalise_address(text: str, default_port: int = DEFAULT_PORT) -> PeerAddress:
+    """Parse and validate `host[:port]` (`[v6][:port]`, or a bare IPv6 address) from
+    the command line, the API or gossip: the one place a peer address is checked.
+    Raises ValueError, with the reason, on anything else."""
+    if not isinstance(text, str):
+        raise ValueError("peer address is not text")
+    if len(text) > MAX_ADDRESS_TEXT:
+        raise ValueError(f"invalid peer address {text[:40]!r}...: longer than {MAX_ADDRESS_TEXT} characters")
+    stripped = text.strip()
+    if not stripped:
         raise ValueError("empty peer address")
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"invalid peer address {text!r}: expected host[:port]")
-    return f"{host}:{int(port)}"
+    try:
+        if not stripped.isascii():
+            raise ValueError("not ASCII")
+        bracketed = stripped.startswith("[")
+        if bracketed:
+            close = stripped.find("]")
+            if close < 0:
+                raise ValueError("no closing ']'")
+            host_text, rest = stripped[1:close], stripped[close + 1:]
+            if rest and not rest.startswith(":"):
+                raise ValueError("junk after ']'")
+            port_text = rest[1:] if rest else None
+        elif stripped.count(":") > 1:
+            host_text, port_text = stripped, None  # a bare IPv6 address
+        else:
+            host_text, sep, port_text = stripped.partition(":")
+            if not sep:
+                port_text = None
+        if port_text is None:
+            port = default_port
+        elif not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+            raise ValueError("port must be a number in 1..65535")
+        else:
+            port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError("port must be a number in 1..65535")
+        host = _host(host_text, bracketed)
+    except ValueError as exc:
+        raise ValueError(f"invalid peer address {stripped!r}: {exc} (expected host[:port])") from None
+    return PeerAddress(host, port)
 
 
 class ConnectionMaker:
