@@ -371,7 +371,7 @@ class Mesh:
         self._update_discovered(now)
         # Inbound connections still in their handshake count too: dialling the same
         # peer now would only make a duplicate.
-        inbound_hosts = {c.address.rpartition(":")[0] for c in self.all_connections if not c.outbound}
+        inbound_hosts = {_host_of(c.address) for c in self.all_connections if not c.outbound}
         connected = {c.target for c in self.all_connections if c.target}
         for addr in self.maker.due(now, inbound_hosts, connected):
             if self.config.conn_limit and len(self.all_connections) >= self.config.conn_limit:
@@ -403,7 +403,7 @@ class Mesh:
             self._dial_failed(address, f"connection lost: {exc.strerror or exc}")
             return
         try:
-            await self._run_connection(stream, True, f"{peer[0]}:{peer[1]}", address)
+            await self._run_connection(stream, True, _join_host_port(peer[0], peer[1]), address)
         except Exception as exc:
             self._unexpected("a connection", exc)
             self._dial_failed(address, f"internal error: {type(exc).__name__}")
@@ -433,7 +433,7 @@ class Mesh:
         except OSError:  # the peer is already gone
             await trio.aclose_forcefully(stream)
             return
-        address = f"{peer[0]}:{peer[1]}"
+        address = _join_host_port(peer[0], peer[1])
         if not self._accepts.take(trio.current_time()):
             ratelog.reject(
                 log, "mesh", "accept_rate_limit", "rejecting connection from %s: accept rate limit", address
@@ -449,7 +449,7 @@ class Mesh:
 
     def _trusted(self, address: str) -> bool:
         try:
-            ip = ipaddress.ip_address(address.rpartition(":")[0])
+            ip = ipaddress.ip_address(_host_of(address))
         except ValueError:
             return False
         return any(ip in net for net in self.config.trusted_subnets)
@@ -868,6 +868,17 @@ class Mesh:
                 callback(names)
             except Exception as exc:  # one service's clean-up must not stop the others'
                 self._unexpected("a peers-removed callback", exc)
+
+
+def _join_host_port(host: str, port: int) -> str:
+    """A socket address as Go's net.JoinHostPort writes it (IPv6 in brackets): it is
+    gossiped as RemoteTCPAddr, which Weave peers split with net.SplitHostPort."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _host_of(address: str) -> str:
+    """The host part of a `_join_host_port` address, without brackets."""
+    return address.rpartition(":")[0].strip("[]")
 
 
 @functools.lru_cache(maxsize=4096)

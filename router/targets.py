@@ -254,9 +254,8 @@ class ConnectionMaker:
         for addr, target in self._targets.items():
             if target.state in (TargetState.CONNECTING, TargetState.CONNECTED):
                 continue
-            if addr in connected or (
-                addr.rpartition(":")[0] in skip_hosts and addr.endswith(f":{DEFAULT_PORT}")
-            ):
+            host = addr.host if isinstance(addr, PeerAddress) else addr.rpartition(":")[0]
+            if addr in connected or (host in skip_hosts and addr.endswith(f":{DEFAULT_PORT}")):
                 # Look again later, not at once: the caller sleeps until next_wakeup().
                 target.try_after = max(target.try_after, now + BUSY_HOST_RECHECK)
                 continue

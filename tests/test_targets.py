@@ -177,6 +177,14 @@ def test_due_skips_addresses_already_connected_and_inbound_hosts() -> None:
     assert sorted(maker.due(BUSY_HOST_RECHECK)) == [A, B]
 
 
+def test_due_skips_an_inbound_ipv6_host() -> None:
+    maker = ConnectionMaker(rng=random.Random(1))
+    v6 = normalise_address("[fd00::2]")
+    maker.add_direct([v6], now=0.0)
+    assert maker.due(0.0, skip_hosts={"fd00::2"}) == []
+    assert maker.due(BUSY_HOST_RECHECK) == [v6]
+
+
 # ---------------------------------------------------------------- backoff
 
 
