@@ -74,6 +74,9 @@ MAX_UNEXPECTED_KINDS = 64
 # A mesh task that failed unexpectedly waits this long before its next round, so a fault
 # that recurs costs a log line and a little CPU, not a busy loop.
 UNEXPECTED_BACKOFF = 1.0
+# Dials (TCP connects, name lookups) in progress at once. Gossip can name any number of
+# addresses; each dial holds a socket (and maybe a resolver thread) until it fails.
+MAX_DIALS_IN_FLIGHT = 32
 TOPOLOGY_CHANNEL = "topology"
 _OVERLAY_TAGS = frozenset(
     {Tag.CONNECTION_ESTABLISHED, Tag.FRAGMENTATION_RECEIVED, Tag.PMTU_VERIFIED, Tag.OVERLAY_CONTROL}
@@ -248,6 +251,7 @@ class Mesh:
         self._nursery: trio.Nursery | None = None
         self._accepts = TokenBucket(ACCEPT_BURST, ACCEPT_REFILL, 0.0)
         self._unexpected_seen: set[tuple[str, str]] = set()
+        self._dials_in_flight = 0
         # Called with the names of peers that left the topology (IPAM/DNS clean-up).
         self.on_peers_removed: list[Callable[[list[int]], None]] = []
         # The data path that confirms connections; without one they carry only gossip.
@@ -357,56 +361,76 @@ class Mesh:
 
     async def _maker_loop(self) -> None:
         while True:
+            full = False
             try:
-                self._start_dials(trio.current_time())
+                full = self._start_dials(trio.current_time())
             except Exception as exc:  # gossip made the topology into something unforeseen
                 self._unexpected("the connection maker", exc)
                 await trio.sleep(UNEXPECTED_BACKOFF)
-            wake = self.maker.next_wakeup()
+            # With every dial slot taken, the next thing to wait for is a dial ending.
+            wake = None if full else self.maker.next_wakeup()
             with trio.move_on_at(wake if wake is not None else math.inf):
                 await self._maker_event.wait()
             self._maker_event = trio.Event()
 
-    def _start_dials(self, now: float) -> None:
+    def _start_dials(self, now: float) -> bool:
+        """Start the dials that are due; True if the in-flight limit held some back."""
         self._update_discovered(now)
         # Inbound connections still in their handshake count too: dialling the same
         # peer now would only make a duplicate.
         inbound_hosts = {_host_of(c.address) for c in self.all_connections if not c.outbound}
         connected = {c.target for c in self.all_connections if c.target}
-        for addr in self.maker.due(now, inbound_hosts, connected):
+        room = MAX_DIALS_IN_FLIGHT - self._dials_in_flight
+        if room <= 0:
+            return True
+        due = self.maker.due(now, inbound_hosts, connected, limit=room)
+        for addr in due:
             if self.config.conn_limit and len(self.all_connections) >= self.config.conn_limit:
                 self.maker.failed(addr, now, f"Connection limit reached ({self.config.conn_limit})")
                 continue
             assert self._nursery is not None
+            self._dials_in_flight += 1
             self._nursery.start_soon(self._dial, addr)
+        return len(due) >= room
 
     async def _dial(self, address: str) -> None:
         # Whatever goes wrong is a failed attempt at this target, retried with backoff:
         # an exception escaping here would end the daemon (the mesh nursery).
         try:
-            if not isinstance(address, PeerAddress):
-                address = normalise_address(address, self.config.port)
-            with trio.fail_after(DIAL_TIMEOUT):
-                stream = await trio.open_tcp_stream(address.host, address.port)
-        except (OSError, trio.TooSlowError) as exc:
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
-            self._dial_failed(address, reason)
+            opened = await self._open(address)
+        finally:
+            self._dials_in_flight -= 1
+            self._maker_event.set()
+        if opened is None:
             return
-        except Exception as exc:  # e.g. UnicodeError from the resolver
-            self._unexpected("dialling a peer", exc)
-            self._dial_failed(address, f"{type(exc).__name__}: {exc}")
-            return
+        stream, target = opened
         try:
             peer = stream.socket.getpeername()
         except OSError as exc:  # reset between connect and here
             await trio.aclose_forcefully(stream)
-            self._dial_failed(address, f"connection lost: {exc.strerror or exc}")
+            self._dial_failed(target, f"connection lost: {exc.strerror or exc}")
             return
         try:
-            await self._run_connection(stream, True, _join_host_port(peer[0], peer[1]), address)
+            await self._run_connection(stream, True, _join_host_port(peer[0], peer[1]), target)
         except Exception as exc:
             self._unexpected("a connection", exc)
-            self._dial_failed(address, f"internal error: {type(exc).__name__}")
+            self._dial_failed(target, f"internal error: {type(exc).__name__}")
+
+    async def _open(self, address: str) -> tuple[trio.SocketStream, PeerAddress] | None:
+        """The TCP connection to `address`, or None (the failure recorded)."""
+        try:
+            target = address
+            if not isinstance(target, PeerAddress):
+                target = normalise_address(target, self.config.port)
+            with trio.fail_after(DIAL_TIMEOUT):
+                return await trio.open_tcp_stream(target.host, target.port), target
+        except (OSError, trio.TooSlowError) as exc:
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
+            self._dial_failed(address, reason)
+        except Exception as exc:  # e.g. UnicodeError from the resolver
+            self._unexpected("dialling a peer", exc)
+            self._dial_failed(address, f"{type(exc).__name__}: {exc}")
+        return None
 
     def _dial_failed(self, address: str, reason: str) -> None:
         log.info("connection to %s failed: %s", address, reason)

@@ -245,12 +245,17 @@ class ConnectionMaker:
     # -- what the dialler reports
 
     def due(
-        self, now: float, skip_hosts: Set[str] = frozenset(), connected: Set[str] = frozenset()
+        self,
+        now: float,
+        skip_hosts: Set[str] = frozenset(),
+        connected: Set[str] = frozenset(),
+        limit: int | None = None,
     ) -> list[str]:
-        """Targets to dial now. `connected` are addresses we already have a connection to;
-        `skip_hosts` are IPs with an inbound connection (a target with the default port
-        there is assumed to be that peer)."""
-        out = []
+        """Targets to dial now, at most `limit` of them (the rest stay due). `connected`
+        are addresses we already have a connection to; `skip_hosts` are IPs with an
+        inbound connection (a target with the default port there is assumed to be that
+        peer)."""
+        ready: list[tuple[float, str, Target]] = []
         for addr, target in self._targets.items():
             if target.state in (TargetState.CONNECTING, TargetState.CONNECTED):
                 continue
@@ -260,10 +265,16 @@ class ConnectionMaker:
                 target.try_after = max(target.try_after, now + BUSY_HOST_RECHECK)
                 continue
             if target.try_after <= now:
-                target.state = TargetState.CONNECTING
-                target.attempts += 1
-                out.append(addr)
-        return out
+                ready.append((target.try_after, addr, target))
+        if limit is not None and len(ready) > limit:
+            # The longest-waiting first: targets that keep failing fast (a flood of bad
+            # addresses from gossip) must not starve the others.
+            ready.sort(key=lambda item: item[0])
+            del ready[limit:]
+        for _, _, target in ready:
+            target.state = TargetState.CONNECTING
+            target.attempts += 1
+        return [addr for _, addr, _ in ready]
 
     def connected(self, address: str, now: float) -> None:
         target = self._targets.get(address)

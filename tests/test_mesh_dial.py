@@ -65,3 +65,32 @@ def test_gossiped_addresses_are_validated(caplog: pytest.LogCaptureFixture, monk
         assert dial("10.0.0.9:7000", True, 6783) == "10.0.0.9:7000"
     assert "ignoring peer address from gossip" in caplog.text
     assert ratelog.REJECTS.counts[("mesh", "bad_gossip_address")] == 1
+
+
+async def test_dials_in_flight_are_bounded(monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.abc.Clock) -> None:
+    """Gossip can name thousands of addresses: the mesh dials a bounded number at once,
+    and still tries them all."""
+    active, most, tried = 0, 0, set()
+
+    async def slow_refusal(host: str, port: int) -> trio.SocketStream:
+        nonlocal active, most
+        active += 1
+        most = max(most, active)
+        tried.add(host)
+        try:
+            await trio.sleep(1.0)
+        finally:
+            active -= 1
+        raise OSError(111, "Connection refused")
+
+    monkeypatch.setattr(mesh_module.trio, "open_tcp_stream", slow_refusal)
+    mesh = _mesh()
+    n = 5 * mesh_module.MAX_DIALS_IN_FLIGHT
+    assert mesh.connect([f"10.1.{i // 250}.{i % 250 + 1}" for i in range(n)]) == []
+    async with trio.open_nursery() as nursery:
+        mesh._nursery = nursery
+        nursery.start_soon(mesh._maker_loop)
+        await trio.sleep(8.0)
+        nursery.cancel_scope.cancel()
+    assert most == mesh_module.MAX_DIALS_IN_FLIGHT
+    assert len(tried) == n

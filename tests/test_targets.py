@@ -185,6 +185,16 @@ def test_due_skips_an_inbound_ipv6_host() -> None:
     assert maker.due(BUSY_HOST_RECHECK) == [v6]
 
 
+def test_due_limit_takes_the_longest_waiting_first() -> None:
+    maker = ConnectionMaker(rng=random.Random(1))
+    maker.add_direct([A], now=5.0)
+    maker.add_direct([B], now=1.0)
+    maker.add_direct([C], now=3.0)
+    assert maker.due(10.0, limit=2) == [B, C]
+    assert _target(maker, A).state is TargetState.WAITING  # still due, not lost
+    assert maker.due(10.0, limit=2) == [A]
+
+
 # ---------------------------------------------------------------- backoff
 
 
