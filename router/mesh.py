@@ -38,7 +38,7 @@ from router.peername import format_peer_name
 from router.protocol import GossipMessage, Tag, decode_gossip, encode_gossip, encode_message, split_message
 from router.routes import Routes
 from router.surrogate import SurrogateGossiper
-from router.targets import ConnectionMaker, PeerAddress, discovery_delay, normalise_address
+from router.targets import MAX_DISCOVERED, ConnectionMaker, PeerAddress, discovery_delay, normalise_address
 from router.topology import Peers, choose_short_id
 
 log = logging.getLogger(__name__)
@@ -351,7 +351,11 @@ class Mesh:
             addr: discovery_delay(peer, self.name, self._first_seen.get(peer), self._joined_at)
             for addr, peer in found.items()
         }
-        self.maker.set_discovered(set(found), now, delays)
+        left_out = self.maker.set_discovered(set(found), now, delays)
+        if left_out:
+            ratelog.reject(log, "mesh", "too_many_discovered",
+                           "gossip names %d more peer addresses than the %d this router dials; ignoring them",
+                           left_out, MAX_DISCOVERED)
         return found
 
     def _seen(self, names: Iterable[int]) -> None:

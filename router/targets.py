@@ -38,6 +38,9 @@ DEFAULT_PORT = 6783
 # A target skipped because its host already has a connection to us is looked at again
 # after this long (the connection may be a handshake that fails).
 BUSY_HOST_RECHECK = 1.0
+# Targets learned from gossip, at most (those named by the user are not counted). Weave
+# meshes are tens of peers, 100 at the most it supports well.
+MAX_DISCOVERED = 1024
 
 
 class TargetState(enum.Enum):
@@ -219,20 +222,29 @@ class ConnectionMaker:
 
     def set_discovered(
         self, addresses: Set[str], now: float, delays: Mapping[str, float] | None = None
-    ) -> None:
+    ) -> int:
         """The addresses topology gossip suggests; stale undialled ones are dropped.
 
         A new target is first due after its entry in `delays` (the peer there is expected
-        to dial us meanwhile), at once if it has none."""
+        to dial us meanwhile), at once if it has none. At most MAX_DISCOVERED targets
+        come from gossip (a peer can list any number of made-up connections); returns
+        how many new addresses were left out for that reason."""
         if not self.discovery:
             addresses = set()
         for addr, target in list(self._targets.items()):
             if not target.direct and addr not in addresses and target.state is not TargetState.CONNECTED:
                 del self._targets[addr]
-        for addr in addresses:
+        room = MAX_DISCOVERED - sum(1 for t in self._targets.values() if not t.direct)
+        left_out = 0
+        for addr in sorted(addresses):  # which ones are kept must not depend on set order
             if addr not in self._targets:
+                if room <= 0:
+                    left_out += 1
+                    continue
+                room -= 1
                 delay = delays.get(addr, 0.0) if delays else 0.0
                 self._targets[addr] = Target(addr, direct=False, try_after=now + delay)
+        return left_out
 
     def retry_now(self, addresses: set[str], now: float) -> None:
         """Gossip says the peer at these addresses is new or restarted: try it straight away."""

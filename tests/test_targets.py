@@ -17,6 +17,7 @@ from router.targets import (
     DISCOVERY_DEFER_SHORT,
     INITIAL_INTERVAL,
     LONG_LIVED,
+    MAX_DISCOVERED,
     MAX_INTERVAL,
     ConnectionMaker,
     PeerAddress,
@@ -403,6 +404,17 @@ def test_discovered_targets_come_and_go_with_gossip() -> None:
     maker.failed(C, 1.5, "refused")
     # Gossip no longer mentions B or C: the undialled one is dropped, the connected kept.
     maker.set_discovered(set(), 2.0)
+    assert _addresses(maker) == [A, B]
+
+
+def test_discovered_targets_are_bounded() -> None:
+    maker = ConnectionMaker(rng=random.Random(1))
+    maker.add_direct([A], now=0.0)
+    flood = {f"10.2.{i // 250}.{i % 250 + 1}:6783" for i in range(MAX_DISCOVERED + 10)}
+    assert maker.set_discovered(flood, 0.0) == 10
+    assert len(maker.targets()) == MAX_DISCOVERED + 1  # the direct one is not counted
+    assert maker.set_discovered(flood, 1.0) == 10  # the same ones kept, the same left out
+    assert maker.set_discovered({B}, 2.0) == 0
     assert _addresses(maker) == [A, B]
 
 
