@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 CONNECTION_STATES = ("established", "pending", "retrying", "failed", "connecting")
 # The largest request body the API reads: its forms are a few peer addresses or names.
 MAX_BODY = 1 << 20
+# After refusing a body, what more of it is read and dropped (so that closing the
+# connection does not reset it before the client has read the refusal), at most.
+DRAIN_BYTES = 4 << 20
+DRAIN_SECONDS = 2.0
 
 
 class BodyLimit:
@@ -49,6 +54,7 @@ class BodyLimit:
             return
         if lengths and int(lengths.pop()) > self.max_bytes:
             await self._refuse(scope, receive, send, 413, f"request body over {self.max_bytes} bytes")
+            await self._drain(receive)
             return
         chunks: list[bytes] = []
         size = 0
@@ -60,6 +66,8 @@ class BodyLimit:
             size += len(chunk)
             if size > self.max_bytes:
                 await self._refuse(scope, receive, send, 413, f"request body over {self.max_bytes} bytes")
+                if message.get("more_body", False):
+                    await self._drain(receive)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -70,6 +78,16 @@ class BodyLimit:
             return replay.pop() if replay else await receive()
 
         await self.app(scope, replayed, send)
+
+    @staticmethod
+    async def _drain(receive: Receive) -> None:
+        drained = 0
+        with trio.move_on_after(DRAIN_SECONDS):
+            while drained < DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                drained += len(message.get("body", b""))
 
     @staticmethod
     async def _refuse(scope: Scope, receive: Receive, send: Send, status_code: int, reason: str) -> None:
