@@ -447,11 +447,10 @@ class Mesh:
         kind = type(exc).__name__
         key = (where, kind)
         ratelog.REJECTS.counts[("mesh", "unexpected_error")] += 1
-        if key in self._unexpected_seen:
+        if key in self._unexpected_seen or len(self._unexpected_seen) >= MAX_UNEXPECTED_KINDS:
             log.debug("unexpected %s in %s: %s", kind, where, exc)
             return
-        if len(self._unexpected_seen) < MAX_UNEXPECTED_KINDS:
-            self._unexpected_seen.add(key)
+        self._unexpected_seen.add(key)
         log.error("unexpected %s in %s (logged once): %s", kind, where, exc, exc_info=exc)
 
     async def _accept(self, stream: trio.SocketStream) -> None:
