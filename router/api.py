@@ -8,12 +8,15 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ipam_crdt.http import ipam_routes
 from router import ratelog, status
@@ -23,6 +26,74 @@ from weavedns.http import dns_routes
 log = logging.getLogger(__name__)
 
 CONNECTION_STATES = ("established", "pending", "retrying", "failed", "connecting")
+# The largest request body the API reads: its forms are a few peer addresses or names.
+MAX_BODY = 1 << 20
+# After refusing a body, what more of it is read and dropped (so that closing the
+# connection does not reset it before the client has read the refusal), at most.
+DRAIN_BYTES = 4 << 20
+DRAIN_SECONDS = 2.0
+
+
+class BodyLimit:
+    """ASGI middleware: a request body is read whole, up to `max_bytes`, before the app
+    sees it; a larger one gets 413, a malformed Content-Length 400, and neither is read.
+    (Hypercorn has no body limit of its own, and Starlette reads whatever arrives.)"""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope.get("headers", ())
+        lengths = {value.strip() for name, value in headers if name.lower() == b"content-length"}
+        if len(lengths) > 1 or any(not (v.isdigit() and len(v) <= 20) for v in lengths):
+            await self._refuse(scope, receive, send, 400, "malformed Content-Length")
+            return
+        if lengths and int(lengths.pop()) > self.max_bytes:
+            await self._refuse(scope, receive, send, 413, f"request body over {self.max_bytes} bytes")
+            await self._drain(receive)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, 413, f"request body over {self.max_bytes} bytes")
+                if message.get("more_body", False):
+                    await self._drain(receive)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> Message:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    @staticmethod
+    async def _drain(receive: Receive) -> None:
+        drained = 0
+        with trio.move_on_after(DRAIN_SECONDS):
+            while drained < DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                drained += len(message.get("body", b""))
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status_code: int, reason: str) -> None:
+        ratelog.reject(log, "api", f"body_{status_code}", "refusing %s %s: %s",
+                       scope.get("method"), scope.get("path"), reason)
+        await PlainTextResponse(reason + "\n", status_code=status_code)(scope, receive, send)
 
 
 class MeshCollector:
@@ -123,25 +194,48 @@ def sleeve_metrics(stats: dict[str, int]):  # type: ignore[no-untyped-def]
         yield CounterMetricFamily(f"pyweave_sleeve_{key}", help_text, value=stats.get(key, 0))
 
 
-def _template(fmt: str, data: Any) -> str:
-    """The subset of Go templates people use with `weave report -f`: {{.A.B}} and {{json .A}}."""
+# Go's zero value as text/template prints it, for report fields that are nil in Weave
+# (JSON null here): nil slices print as [], nil maps as map[], other nils as <nil>.
+_GO_NIL = {"Entries": "[]", "Targets": "[]", "Peers": "[]", "Connections": "[]", "Attrs": "map[]"}
+# Report fields that are Go maps (printed map[k:v ...], keys sorted); other objects are
+# structs (printed {v1 v2 ...}, fields in order).
+_GO_MAPS = frozenset({"Attrs", "OverlayDiagnostics"})
 
-    def lookup(path: str) -> Any:
-        value = data
+
+def _go_text(value: Any, field: str = "") -> str:
+    """`value` (from the JSON report) as Go's text/template prints the Go value it came from."""
+    if value is None:
+        return _GO_NIL.get(field, "<nil>")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + " ".join(_go_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        if field in _GO_MAPS:
+            return "map[" + " ".join(f"{k}:{_go_text(value[k])}" for k in sorted(value)) + "]"
+        return "{" + " ".join(_go_text(v, k) for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _template(fmt: str, data: Any) -> str:
+    """The subset of Go templates people use with `weave report -f`: {{.A.B}} and
+    {{json .A}}, printed as Go's text/template prints them."""
+
+    def lookup(path: str) -> tuple[Any, str]:
+        value, field = data, ""
         for part in filter(None, path.strip().lstrip(".").split(".")):
             if not isinstance(value, dict) or part not in value:
                 raise KeyError(path)
-            value = value[part]
-        return value
+            value, field = value[part], part
+        return value, field
 
     def render(match: re.Match[str]) -> str:
         expr = match.group(1).strip()
         if expr.startswith("json "):
-            return json.dumps(lookup(expr[5:]))
+            return json.dumps(lookup(expr[5:])[0])
         if expr == ".":
-            return json.dumps(data)
-        value = lookup(expr)
-        return json.dumps(value) if isinstance(value, dict | list) else str(value)
+            return _go_text(data)
+        return _go_text(*lookup(expr))
 
     return re.sub(r"\{\{(.*?)\}\}", render, fmt)
 
@@ -212,13 +306,16 @@ def build_app(
 
     async def post_forget(request: Request) -> Response:
         form = await request.form()
-        mesh.forget([str(p) for p in form.getlist("peer")])
+        errors = mesh.forget([str(p) for p in form.getlist("peer")])
+        if errors:
+            return PlainTextResponse("\n".join(errors) + "\n", status_code=400)
         return Response(status_code=200)
 
     async def get_metrics(request: Request) -> Response:
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return Starlette(
+        middleware=[Middleware(BodyLimit, max_bytes=MAX_BODY)],
         routes=[
             # IPAM's own /status/ipam must match before /status/{sub}.
             *(ipam_routes(ipam) if ipam is not None else []),

@@ -36,15 +36,23 @@ class CliError(Exception):
         self.code = code
 
 
+def _form_bytes(text: str) -> bytes:
+    # Arguments that are not valid UTF-8 reach us with surrogate escapes; they go to the
+    # daemon as the bytes they were, so its one validation says what is wrong with them.
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _request(method: str, path: str, form: list[tuple[str, str]] | None = None, timeout: float = 10) -> str:
     url = f"http://{http_addr()}{path}"
-    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    data = None
+    if form is not None:
+        data = urllib.parse.urlencode([(_form_bytes(k), _form_bytes(v)) for k, v in form]).encode()
     req = urllib.request.Request(url, data=data, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.read().decode()
     except urllib.error.HTTPError as exc:
-        body = exc.read().decode().strip()
+        body = exc.read().decode(errors="replace").strip()
         raise CliError(body or f"HTTP {exc.code}", 4 if exc.code == 404 else 1) from None
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
         reason = getattr(exc, "reason", exc)

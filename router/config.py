@@ -12,6 +12,7 @@ from pathlib import Path
 
 from router.errors import WireError
 from router.peername import format_peer_name, parse_peer_name, random_peer_name
+from router.targets import normalise_address
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,12 @@ def parse_args(argv: list[str], prog: str = "weaver") -> RouterConfig:
         raise ConfigError("--dns-ttl must be 0 or more")
     if args.dns_fallback_timeout <= 0:
         raise ConfigError("--dns-fallback-timeout must be positive")
+    peers = []
+    for peer in args.peers:
+        try:
+            peers.append(str(normalise_address(peer, args.port)))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     domain = args.dns_domain if args.dns_domain.endswith(".") else args.dns_domain + "."
     password = args.password if args.password is not None else os.environ.get("WEAVE_PASSWORD")
     try:
@@ -164,7 +171,7 @@ def parse_args(argv: list[str], prog: str = "weaver") -> RouterConfig:
         min_protocol_version=args.min_protocol_version,
         http_addr=args.http_addr or http_addr(),
         log_level=args.log_level,
-        peers=list(args.peers),
+        peers=peers,
         state_dir=directory,
         mtu=mtu,
         bridge=args.weave_bridge,

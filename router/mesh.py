@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from router import ratelog
 from router.errors import HandshakeError, ProtocolError, WireError
 from router.gossip_api import Action, GossipData, Gossiper, SendBroadcast, SendUnicast
 from router.handshake import Handshake, HandshakeFailure, PeerIdentity, RemoteFeatures
@@ -37,7 +38,7 @@ from router.peername import format_peer_name
 from router.protocol import GossipMessage, Tag, decode_gossip, encode_gossip, encode_message, split_message
 from router.routes import Routes
 from router.surrogate import SurrogateGossiper
-from router.targets import ConnectionMaker, discovery_delay, normalise_address
+from router.targets import MAX_DISCOVERED, ConnectionMaker, PeerAddress, discovery_delay, normalise_address
 from router.topology import Peers, choose_short_id
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,14 @@ SEND_QUEUE_LENGTH = 1024
 ACCEPT_BURST = 20
 ACCEPT_REFILL = 0.05
 MAX_SURROGATES = 64
+# Distinct (task, exception type) pairs whose first occurrence is logged with a traceback.
+MAX_UNEXPECTED_KINDS = 64
+# A mesh task that failed unexpectedly waits this long before its next round, so a fault
+# that recurs costs a log line and a little CPU, not a busy loop.
+UNEXPECTED_BACKOFF = 1.0
+# Dials (TCP connects, name lookups) in progress at once. Gossip can name any number of
+# addresses; each dial holds a socket (and maybe a resolver thread) until it fails.
+MAX_DIALS_IN_FLIGHT = 32
 TOPOLOGY_CHANNEL = "topology"
 _OVERLAY_TAGS = frozenset(
     {Tag.CONNECTION_ESTABLISHED, Tag.FRAGMENTATION_RECEIVED, Tag.PMTU_VERIFIED, Tag.OVERLAY_CONTROL}
@@ -241,6 +250,8 @@ class Mesh:
         self._maker_event = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._accepts = TokenBucket(ACCEPT_BURST, ACCEPT_REFILL, 0.0)
+        self._unexpected_seen: set[tuple[str, str]] = set()
+        self._dials_in_flight = 0
         # Called with the names of peers that left the topology (IPAM/DNS clean-up).
         self.on_peers_removed: list[Callable[[list[int]], None]] = []
         # The data path that confirms connections; without one they carry only gossip.
@@ -276,7 +287,8 @@ class Mesh:
             self.config.nickname,
             self.uid,
         )
-        self.connect(self.config.initial_peers)
+        for error in self.connect(self.config.initial_peers):
+            log.error("not connecting to the peers given at launch: %s", error)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(trio.serve_listeners, self._accept, listeners)
@@ -290,26 +302,34 @@ class Mesh:
 
     # ------------------------------------------------------------ targets
 
-    def connect(self, addresses: list[str], replace: bool = False) -> list[str]:
-        """`weave connect`: returns error strings for addresses that don't parse."""
+    def parse_addresses(self, addresses: Iterable[str]) -> tuple[list[PeerAddress], list[str]]:
+        """Peer addresses as given by a user (CLI, API, command line): the valid ones,
+        with our port where none is given, and the reasons the others are not."""
         good, errors = [], []
         for text in addresses:
             try:
                 good.append(normalise_address(text, self.config.port))
             except ValueError as exc:
                 errors.append(str(exc))
-        self.maker.add_direct(good, trio.current_time(), replace=replace)
-        self._maker_event.set()
-        return errors
+        return good, errors
 
-    def forget(self, addresses: list[str]) -> None:
-        norm = []
-        for text in addresses:
-            try:
-                norm.append(normalise_address(text, self.config.port))
-            except ValueError:
-                continue
-        self.maker.forget(norm)
+    def connect(self, addresses: list[str], replace: bool = False) -> list[str]:
+        """`weave connect`: adds the targets, or, if any address is invalid, nothing
+        (as Weave rejects the whole call); returns the reasons for the invalid ones."""
+        good, errors = self.parse_addresses(addresses)
+        if errors:
+            return errors
+        self.maker.add_direct(list(good), trio.current_time(), replace=replace)
+        self._maker_event.set()
+        return []
+
+    def forget(self, addresses: list[str]) -> list[str]:
+        """`weave forget`: like :meth:`connect`, all or nothing; returns the reasons."""
+        good, errors = self.parse_addresses(addresses)
+        if errors:
+            return errors
+        self.maker.forget(list(good))
+        return []
 
     def _discovered(self) -> dict[str, int]:
         """Addresses of peers others are connected to and we are not: address -> peer."""
@@ -331,7 +351,11 @@ class Mesh:
             addr: discovery_delay(peer, self.name, self._first_seen.get(peer), self._joined_at)
             for addr, peer in found.items()
         }
-        self.maker.set_discovered(set(found), now, delays)
+        left_out = self.maker.set_discovered(set(found), now, delays)
+        if left_out:
+            ratelog.reject(log, "mesh", "too_many_discovered",
+                           "gossip names %d more peer addresses than the %d this router dials; ignoring them",
+                           left_out, MAX_DISCOVERED)
         return found
 
     def _seen(self, names: Iterable[int]) -> None:
@@ -341,43 +365,93 @@ class Mesh:
 
     async def _maker_loop(self) -> None:
         while True:
-            now = trio.current_time()
-            self._update_discovered(now)
-            # Inbound connections still in their handshake count too: dialling the same
-            # peer now would only make a duplicate.
-            inbound_hosts = {c.address.rpartition(":")[0] for c in self.all_connections if not c.outbound}
-            connected = {c.target for c in self.all_connections if c.target}
-            for addr in self.maker.due(now, inbound_hosts, connected):
-                if self.config.conn_limit and len(self.all_connections) >= self.config.conn_limit:
-                    self.maker.failed(addr, now, f"Connection limit reached ({self.config.conn_limit})")
-                    continue
-                assert self._nursery is not None
-                self._nursery.start_soon(self._dial, addr)
-            wake = self.maker.next_wakeup()
+            full = False
+            try:
+                full = self._start_dials(trio.current_time())
+            except Exception as exc:  # gossip made the topology into something unforeseen
+                self._unexpected("the connection maker", exc)
+                await trio.sleep(UNEXPECTED_BACKOFF)
+            # With every dial slot taken, the next thing to wait for is a dial ending.
+            wake = None if full else self.maker.next_wakeup()
             with trio.move_on_at(wake if wake is not None else math.inf):
                 await self._maker_event.wait()
             self._maker_event = trio.Event()
 
+    def _start_dials(self, now: float) -> bool:
+        """Start the dials that are due; True if the in-flight limit held some back."""
+        self._update_discovered(now)
+        # Inbound connections still in their handshake count too: dialling the same
+        # peer now would only make a duplicate.
+        inbound_hosts = {_host_of(c.address) for c in self.all_connections if not c.outbound}
+        connected = {c.target for c in self.all_connections if c.target}
+        room = MAX_DIALS_IN_FLIGHT - self._dials_in_flight
+        if room <= 0:
+            return True
+        due = self.maker.due(now, inbound_hosts, connected, limit=room)
+        for addr in due:
+            if self.config.conn_limit and len(self.all_connections) >= self.config.conn_limit:
+                self.maker.failed(addr, now, f"Connection limit reached ({self.config.conn_limit})")
+                continue
+            assert self._nursery is not None
+            self._dials_in_flight += 1
+            self._nursery.start_soon(self._dial, addr)
+        return len(due) >= room
+
     async def _dial(self, address: str) -> None:
-        host, _, port = address.rpartition(":")
+        # Whatever goes wrong is a failed attempt at this target, retried with backoff:
+        # an exception escaping here would end the daemon (the mesh nursery).
         try:
-            with trio.fail_after(DIAL_TIMEOUT):
-                stream = await trio.open_tcp_stream(host, int(port))
-        except (OSError, trio.TooSlowError) as exc:
-            reason = "timed out" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
-            log.info("connection to %s failed: %s", address, reason)
-            self.maker.failed(address, trio.current_time(), reason)
+            opened = await self._open(address)
+        finally:
+            self._dials_in_flight -= 1
             self._maker_event.set()
+        if opened is None:
             return
+        stream, target = opened
         try:
             peer = stream.socket.getpeername()
         except OSError as exc:  # reset between connect and here
-            log.info("connection to %s failed: %s", address, exc.strerror or exc)
             await trio.aclose_forcefully(stream)
-            self.maker.failed(address, trio.current_time(), f"connection lost: {exc.strerror or exc}")
-            self._maker_event.set()
+            self._dial_failed(target, f"connection lost: {exc.strerror or exc}")
             return
-        await self._run_connection(stream, True, f"{peer[0]}:{peer[1]}", address)
+        try:
+            await self._run_connection(stream, True, _join_host_port(peer[0], peer[1]), target)
+        except Exception as exc:
+            self._unexpected("a connection", exc)
+            self._dial_failed(target, f"internal error: {type(exc).__name__}")
+
+    async def _open(self, address: str) -> tuple[trio.SocketStream, PeerAddress] | None:
+        """The TCP connection to `address`, or None (the failure recorded)."""
+        try:
+            target = address
+            if not isinstance(target, PeerAddress):
+                target = normalise_address(target, self.config.port)
+            with trio.fail_after(DIAL_TIMEOUT):
+                return await trio.open_tcp_stream(target.host, target.port), target
+        except (OSError, trio.TooSlowError) as exc:
+            reason = "timed out" if isinstance(exc, trio.TooSlowError) else (exc.strerror or str(exc))
+            self._dial_failed(address, reason)
+        except Exception as exc:  # e.g. UnicodeError from the resolver
+            self._unexpected("dialling a peer", exc)
+            self._dial_failed(address, f"{type(exc).__name__}: {exc}")
+        return None
+
+    def _dial_failed(self, address: str, reason: str) -> None:
+        log.info("connection to %s failed: %s", address, reason)
+        self.maker.failed(address, trio.current_time(), reason)
+        self._maker_event.set()
+
+    def _unexpected(self, where: str, exc: BaseException) -> None:
+        """An exception no code path expects (a bug, or input we did not foresee): logged
+        with its traceback the first time for each (place, type), counted always."""
+        kind = type(exc).__name__
+        key = (where, kind)
+        ratelog.REJECTS.counts[("mesh", "unexpected_error")] += 1
+        if key in self._unexpected_seen or len(self._unexpected_seen) >= MAX_UNEXPECTED_KINDS:
+            log.debug("unexpected %s in %s: %s", kind, where, exc)
+            return
+        self._unexpected_seen.add(key)
+        log.error("unexpected %s in %s (logged once): %s", kind, where, exc, exc_info=exc)
 
     async def _accept(self, stream: trio.SocketStream) -> None:
         # Runs under trio.serve_listeners: an exception here would stop the listener.
@@ -386,18 +460,23 @@ class Mesh:
         except OSError:  # the peer is already gone
             await trio.aclose_forcefully(stream)
             return
-        address = f"{peer[0]}:{peer[1]}"
+        address = _join_host_port(peer[0], peer[1])
         if not self._accepts.take(trio.current_time()):
-            log.warning("rejecting connection from %s: accept rate limit", address)
+            ratelog.reject(
+                log, "mesh", "accept_rate_limit", "rejecting connection from %s: accept rate limit", address
+            )
             await trio.aclose_forcefully(stream)
             return
-        await self._run_connection(stream, False, address, None)
+        try:
+            await self._run_connection(stream, False, address, None)
+        except Exception as exc:
+            self._unexpected("a connection", exc)
 
     # ------------------------------------------------------------ one connection
 
     def _trusted(self, address: str) -> bool:
         try:
-            ip = ipaddress.ip_address(address.rpartition(":")[0])
+            ip = ipaddress.ip_address(_host_of(address))
         except ValueError:
             return False
         return any(ip in net for net in self.config.trusted_subnets)
@@ -714,10 +793,15 @@ class Mesh:
         while True:
             await trio.sleep(GOSSIP_INTERVAL * (0.9 + 0.2 * self.rng.random()))
             self._gossip_neighbours(TOPOLOGY_CHANNEL, _TopologyData(self, None))
-            for channel, gossiper in self.channels.items():
-                data = gossiper.gossip()
-                if data is not None:
-                    self._gossip_neighbours(channel, data)
+            for channel, gossiper in list(self.channels.items()):
+                # A channel's state comes from peers: one that cannot be gossiped must not
+                # stop the others, nor end the daemon.
+                try:
+                    data = gossiper.gossip()
+                    if data is not None:
+                        self._gossip_neighbours(channel, data)
+                except Exception as exc:
+                    self._unexpected(f"periodic gossip on channel {channel!r}", exc)
 
     # ------------------------------------------------------------ topology
 
@@ -742,10 +826,14 @@ class Mesh:
         while True:
             await self._topology_event.wait()
             self._topology_event = trio.Event()
-            self.routes  # noqa: B018 (computes them for the data path)
             names, self._topology_dirty = self._topology_dirty, set()
-            if names:
-                self._gossip_neighbours(TOPOLOGY_CHANNEL, _TopologyData(self, names))
+            try:
+                self.routes  # noqa: B018 (computes them for the data path)
+                if names:
+                    self._gossip_neighbours(TOPOLOGY_CHANNEL, _TopologyData(self, names))
+            except Exception as exc:  # a topology gossip made that we cannot route or encode
+                self._unexpected("the topology flusher", exc)
+                await trio.sleep(UNEXPECTED_BACKOFF)
 
     def apply_topology(self, payload: bytes) -> set[int] | None:
         result = self.peers.apply_update(payload)
@@ -803,18 +891,36 @@ class Mesh:
             self._first_seen.pop(name, None)
         log.info("peers left the topology: %s", ", ".join(format_peer_name(n) for n in names))
         for callback in self.on_peers_removed:
-            callback(names)
+            try:
+                callback(names)
+            except Exception as exc:  # one service's clean-up must not stop the others'
+                self._unexpected("a peers-removed callback", exc)
+
+
+def _join_host_port(host: str, port: int) -> str:
+    """A socket address as Go's net.JoinHostPort writes it (IPv6 in brackets): it is
+    gossiped as RemoteTCPAddr, which Weave peers split with net.SplitHostPort."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _host_of(address: str) -> str:
+    """The host part of a `_join_host_port` address, without brackets."""
+    return address.rpartition(":")[0].strip("[]")
 
 
 @functools.lru_cache(maxsize=4096)
-def _dial_address(remote_tcp_addr: str, outbound: bool, port: int) -> str | None:
+def _dial_address(remote_tcp_addr: str, outbound: bool, port: int) -> PeerAddress | None:
     """Where to dial a peer that another peer lists a connection to: the address it was
-    dialled at, or for a connection it made, its IP with our port; None if malformed.
-    (Cached: the same few addresses recur in every topology update.)"""
-    addr = remote_tcp_addr if outbound else f"{remote_tcp_addr.rpartition(':')[0]}:{port}"
+    dialled at, or for a connection it made, its IP with our port; None (logged, rate
+    limited) if that is not a valid address. Cached: the same few addresses recur in
+    every topology update, so each bad one is also counted once per cache entry."""
     try:
-        return normalise_address(addr, port)
-    except ValueError:
+        if outbound:
+            return normalise_address(remote_tcp_addr, port)
+        host = normalise_address(remote_tcp_addr, port).host
+        return normalise_address(f"[{host}]" if ":" in host else host, port)
+    except ValueError as exc:
+        ratelog.reject(log, "mesh", "bad_gossip_address", "ignoring peer address from gossip: %s", exc)
         return None
 
 

