@@ -464,15 +464,24 @@ class IpamService:
     # -------------------------------------------------------------- parsing
 
     def parse_subnet(self, text: CIDR | str | None) -> CIDR:
-        """A subnet for allocation: `a.b.c.0/len`, overlapping the range; None = default subnet."""
+        """A subnet for allocation: `a.b.c.0/len` inside the range; None = default subnet.
+
+        Inside, not just overlapping: an address is handed out with the subnet's prefix, so
+        `0.0.0.0/0` would give a container `10.32.0.1/0`. `CIDR.parse_subnet` already
+        refuses subnets too small to hold an address besides network and broadcast (/31, /32).
+        """
         if text is None:
             return self.default_subnet
         try:
             subnet = text if isinstance(text, CIDR) else CIDR.parse_subnet(text)
         except InvalidRequest as exc:
             raise BadRequest(str(exc)) from None
-        if not self.universe.range().overlaps(subnet.range()):
-            raise BadRequest(f"subnet {subnet} is outside the IP allocation range {self.universe}")
+        inside, r = self.universe.range(), subnet.range()
+        if not (inside.start <= r.start and r.end <= inside.end):
+            raise BadRequest(
+                f"subnet {subnet} is outside the IP allocation range {self.universe}: "
+                "a subnet to allocate in must lie inside it"
+            )
         return subnet
 
     @staticmethod
@@ -547,6 +556,8 @@ class IpamService:
         network or broadcast address of the CIDR (Weave would record those).
         """
         c = self.parse_cidr(cidr)
+        if c.prefix_len == 0:
+            raise BadRequest(f"{c}: a /0 cannot be a container's subnet")
         if c.prefix_len <= 30 and c.addr in (c.network, c.network + c.size - 1):
             # Weave would record it; no container can use it, and allocation never hands it out.
             kind = "network" if c.addr == c.network else "broadcast"

@@ -418,6 +418,13 @@ async def test_http_api(tmp_path: Path) -> None:
             ("PUT", "/ip/c6/10.40.0.50/24", 409, "already owned by c4"),
             ("POST", "/ip/c6/10.40.0.5/25", 400, "bits after network prefix"),
             ("POST", "/ip/c6/192.168.0.0/24", 400, "outside the IP allocation range"),
+            # A subnet that only overlaps the range would hand out its addresses with its prefix.
+            ("POST", "/ip/c6/0.0.0.0/0", 400, "outside the IP allocation range"),
+            ("POST", "/ip/c6/10.0.0.0/8", 400, "outside the IP allocation range"),
+            ("GET", "/ip/c6/0.0.0.0/0", 400, "outside the IP allocation range"),
+            ("POST", "/ip/c6/10.40.0.0/31", 400, "smaller than minimum size"),
+            ("POST", "/ip/c6/10.40.0.0/32", 400, "smaller than minimum size"),
+            ("PUT", "/ip/c6/10.40.0.9/0", 400, "/0"),
             ("POST", "/ip/c6/10.40.0.0/40", 400, "invalid CIDR"),
             ("GET", "/ip/c6/10.40.0.0/nope", 400, "invalid CIDR"),
             ("PUT", "/ip/c6/10.40.0.256/24", 400, "invalid IPv4 address"),
