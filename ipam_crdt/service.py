@@ -28,7 +28,7 @@ import argparse
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from ipam_crdt.config import (
 from ipam_crdt.errors import InvalidRequest, NotFound, StoreError
 from ipam_crdt.events import Allocated, AllocateFailed, Claimed, ClaimFailed, Event
 from ipam_crdt.naming import peer_str
+from ipam_crdt.reclaim import PortAddresses, reclaim_into
 from ipam_crdt.ring import UNKNOWN_PEER
 from ipam_crdt.store import SqliteStore
 from router.errors import WireError
@@ -228,6 +229,7 @@ class IpamService:
         tick_interval: float = TICK_INTERVAL,
         clock: Callable[[], float] = time.time,
         is_alive: Callable[[str], Awaitable[bool]] | None = None,
+        host_ports: Sequence[PortAddresses] | None = None,
     ) -> None:
         self.mesh = mesh
         self.clock = clock
@@ -256,6 +258,8 @@ class IpamService:
             self.allocate_timeout = config.allocate_timeout
             self.universe = config.universe
             self.default_subnet = self._default_subnet(default_subnet)
+            if host_ports is not None:
+                self._plan_reclaim(config, host_ports)
             self.alloc = Allocator(config)
         except (IpamConfigError, StoreError) as exc:
             self._close_store()
@@ -281,6 +285,14 @@ class IpamService:
                 f"--ipalloc-default-subnet {subnet} is not inside --ipalloc-range {self.universe}"
             )
         return subnet
+
+    @staticmethod
+    def _plan_reclaim(config: AllocatorConfig, ports: Sequence[PortAddresses]) -> None:
+        """Claim every address in use on this host under our name (ipam_crdt.reclaim);
+        the same address on two of this host's containers refuses the start."""
+        plan = reclaim_into(config, ports)
+        if plan.conflicts:
+            raise IpamConfigError("; ".join(plan.conflicts))
 
     def _is_known_peer(self, name: int) -> bool:
         return name in self.mesh.peers

@@ -55,6 +55,10 @@ class IPAMStore(Protocol):
 
     def save_ring(self, our_name: int, ring: Ring) -> None: ...
 
+    def peek(self) -> tuple[int | None, dict[str, OwnedData]]:
+        """The peer name and allocations stored, whatever name they were written under."""
+        ...
+
     def save_owned(self, ident: str, data: OwnedData | None) -> None:
         """Record an ident's addresses; None forgets the ident."""
         ...
@@ -94,6 +98,9 @@ class MemoryStore:
         assert self.ring is not None
         return Persisted(self.ring.copy(our_name), {k: _copy_owned(v) for k, v in self.owned.items()})
 
+    def peek(self) -> tuple[int | None, dict[str, OwnedData]]:
+        return self.name, {k: _copy_owned(v) for k, v in self.owned.items()}
+
     def save_ring(self, our_name: int, ring: Ring) -> None:
         self.name = our_name
         self.ring = ring.copy()
@@ -121,6 +128,16 @@ class MemoryStore:
 
 def _copy_owned(d: OwnedData) -> OwnedData:
     return OwnedData(d.is_container, list(d.cidrs))
+
+
+def _owned_rows(rows: list[tuple[str, int, str]]) -> dict[str, OwnedData]:
+    owned = {}
+    for ident, is_container, cidrs in rows:
+        try:
+            owned[ident] = OwnedData(bool(is_container), [CIDR.parse(c) for c in cidrs.split(",") if c])
+        except IPAMError as exc:
+            log.warning("IPAM database: dropping unreadable addresses of %s (%s)", ident, exc)
+    return owned
 
 
 class SqliteStore:
@@ -242,14 +259,22 @@ class SqliteStore:
             self.clear()
             return None
         assert ring is not None
-        owned = {}
-        for ident, is_container, cidrs in rows:
-            try:
-                owned[ident] = OwnedData(bool(is_container), [CIDR.parse(c) for c in cidrs.split(",") if c])
-            except IPAMError as exc:
-                log.warning("IPAM database: dropping unreadable addresses of %s (%s)", ident, exc)
         ring.peer = our_name
-        return Persisted(ring, owned)
+        return Persisted(ring, _owned_rows(rows))
+
+    def peek(self) -> tuple[int | None, dict[str, OwnedData]]:
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'peername'").fetchone()
+            rows = self._db.execute("SELECT ident, is_container, cidrs FROM owned ORDER BY rowid").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read IPAM database {self.path}: {exc}") from None
+        name = None
+        if row is not None:
+            try:
+                name = int(row[0])
+            except (TypeError, ValueError):
+                log.warning("IPAM database %s holds an unreadable peer name %r", self.path, row[0])
+        return name, _owned_rows(rows)
 
     def save_ring(self, our_name: int, ring: Ring) -> None:
         blob = encode_ring(RingData.of(ring))

@@ -18,6 +18,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from fastdp.service import FastdpService
+from ipam_crdt.reclaim import scan_bridge
 from ipam_crdt.service import IpamConfigError, IpamService, IpamSettings
 from router.api import build_app
 from router.attach import Attacher, IpamAllocator, attach_routes
@@ -85,7 +86,10 @@ async def run(
     ipam = None
     if cfg.ipalloc_range:  # "" turns IPAM off, as in Weave
         settings = IpamSettings(cfg.ipalloc_range, cfg.ipalloc_init, cfg.ipalloc_default_subnet or None)
-        ipam = IpamService(mesh, settings, cfg.state_dir)
+        # Before IPAM serves anyone: the addresses this host's containers already use
+        # are claimed first, whatever the database remembers (ipam_crdt.reclaim).
+        ports = await trio.to_thread.run_sync(scan_bridge, cfg.bridge)
+        ipam = IpamService(mesh, settings, cfg.state_dir, host_ports=ports)
     attacher = Attacher(
         cfg.bridge,
         cfg.mtu,
