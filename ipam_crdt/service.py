@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,11 @@ class ClaimRejected(Conflict):
 
 class PeerStillConnected(Conflict):
     """`rmpeer` of a peer that is still in the mesh: taking its space would break the ring."""
+
+
+class StillInUse(Conflict):
+    """`DELETE /peer` while containers here use our space: handing it away would give
+    their addresses to other hosts' new containers."""
 
 
 class ContainerNotRunning(Conflict):
@@ -264,6 +270,11 @@ class IpamService:
         except (IpamConfigError, StoreError) as exc:
             self._close_store()
             raise IpamConfigError(str(exc)) from None
+        # Set by the daemon (router.weaver) for `DELETE /peer`: an async context manager
+        # that holds off attaches while it is entered and yields why the hand-over must be
+        # refused (containers attached here), or None; and what stops the daemon after it.
+        self.handover_guard: Callable[[], AbstractAsyncContextManager[str | None]] | None = None
+        self.on_handed_over: Callable[[], None] | None = None
         self._channel = _Channel(self)
         self._waiters: dict[_Key, list[_Waiter]] = {}
         self._had_ring = not self.alloc.ring.is_empty()
@@ -661,6 +672,27 @@ class IpamService:
         log.info("rmpeer: took over %d addresses from %s (%s)", gained, peer_str(peer), name_or_nickname)
         return int(gained)
 
+    async def hand_over(self) -> int | None:
+        """`DELETE /peer` (what `weave reset` calls): give our space away, then stop the daemon.
+
+        Handing space away while this router goes on running let its containers keep
+        addresses that other hosts then handed to new containers (issue 12, defect 7). So
+        it is refused (409, `StillInUse`) while any container is attached here, checked
+        with attaches held off until the hand-over is done; and once done, IPAM serves no
+        more requests and the daemon stops: a hand-over is only ever part of a shutdown.
+        `weave reset` detaches the containers first.
+        """
+        if self.handover_guard is None:
+            heir = await self.shutdown_handoff()
+        else:
+            async with self.handover_guard() as refusal:
+                if refusal:
+                    raise StillInUse(f"not handing over this peer's IP space: {refusal}")
+                heir = await self.shutdown_handoff()
+        if self.on_handed_over is not None:
+            self.on_handed_over()
+        return heir
+
     async def shutdown_handoff(self, wait: float = HANDOFF_WAIT) -> int | None:
         """`weave reset`: hand all our ranges to a live peer and stop serving requests.
 
@@ -747,7 +779,7 @@ class IpamService:
 
 __all__ = [
     "CHANNEL", "DEFAULT_RANGE", "IpamService", "IpamSettings", "IpamServiceError", "BadRequest",
-    "NotFoundError", "UnknownPeer", "Conflict", "ClaimRejected", "PeerStillConnected",
+    "NotFoundError", "UnknownPeer", "Conflict", "ClaimRejected", "PeerStillConnected", "StillInUse",
     "ContainerNotRunning", "Unavailable", "AllocationTimeout", "AllocationFailed", "ShuttingDown",
     "StorageFailure", "IpamConfigError",
 ]
