@@ -21,6 +21,19 @@ expire: an address that cannot be claimed yet (no ring; its range owned by a pee
 is unreachable) keeps being tried. A range owned by one of this host's previous names
 (from the database) is taken over by the current name as soon as the ring shows it and
 that name is not a live peer; see `Allocator._try_claim`.
+
+What is refused, and what is only reported:
+
+* the same address on two containers of this host is known before the router starts,
+  and no claim can make it right: the start is refused, naming the containers;
+* an address whose range a *live* peer owns, and which that peer will not give up (it
+  handed it out itself), can only be learnt once the mesh is up, after the start. The
+  address is then in use on two hosts already; stopping this router would not undo
+  that, and would cut off every other container here. So it is logged as an error and
+  shown as a Problem in `weave status`, for the operator to detach one of the two;
+* an address whose range an *unreachable* peer owns that is not a known previous name
+  of this host (the database was lost too) stays claimed-in-waiting, and `weave status`
+  says to `rmpeer` that name on this host, never on another one.
 """
 
 from __future__ import annotations
