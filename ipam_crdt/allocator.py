@@ -19,6 +19,7 @@ Driving it:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 
 # Weave's api.NoContainerID: the allocation is filed under the address itself.
 NO_CONTAINER_ID = "_"
+MAX_RECLAIM_FAILURES = 16
 
 
 # ------------------------------------------------------------------ pending operations
@@ -91,6 +93,7 @@ class _Claim:
     attempts: int = 0
     answered: bool = False  # with no_error_on_unknown, the caller was told "ok" early
     result: Event | None = None
+    on_host: bool = False  # a pre-claim: the address is in use on this host
 
 
 @dataclass
@@ -138,6 +141,9 @@ class Allocator:
         self.pending_primes: list[_Prime] = []
         self.dead: dict[str, float] = {}
         self.conflict: SeedConflict | None = None
+        # Addresses in use on this host that IPAM refused to us (a live peer holds them).
+        self.reclaim_failures: list[str] = []
+        self._heard_from_mesh = False
         self.now = config.now
         self._rng = config.rng
         self._outbox: list[Action] = []
@@ -153,8 +159,11 @@ class Allocator:
         # Pre-claims (addresses found on the host) queue first, so that a ring made
         # from a seed below already honours them.
         for pc in self.config.pre_claims:
-            op = _Claim(pc.ident, pc.cidr, pc.is_container, True, self.now + self.config.allocate_timeout)
+            # No deadline: the address is in use here, and giving up on it would let
+            # another peer hand it out (after an rmpeer of its owner, say).
+            op = _Claim(pc.ident, pc.cidr, pc.is_container, True, math.inf)
             op.answered = True  # nobody waits for a pre-claim
+            op.on_host = True
             self.pending_claims.append(op)
         loaded = self._load_persisted()
         seed = self.config.bootstrap.peers if isinstance(self.config.bootstrap, SeedMode) else ()
@@ -186,6 +195,7 @@ class Allocator:
         self.ring.restore(persisted.ring)
         self.space.update_ranges(self.ring.owned_ranges())
         self.owned = persisted.owned
+        self._drop_contradicted()
         for data in self.owned.values():
             for cidr in data.cidrs:
                 if self.ring.contains(cidr.addr):
@@ -193,6 +203,52 @@ class Allocator:
                         self.space.claim(cidr.addr)
                     except IPAMError as exc:
                         log.warning("persisted address %s no longer in our space: %s", cidr, exc)
+        return True
+
+    def _drop_contradicted(self) -> None:
+        """Forget database entries for addresses the host says another ident uses.
+
+        Pre-claims are read from the kernel (a container's interface holds the address), so
+        they win over what the database remembers for some other ident.
+        """
+        users = {pc.cidr.addr: pc.ident for pc in self.config.pre_claims if pc.ident != NO_CONTAINER_ID}
+        for ident, data in list(self.owned.items()):
+            stale = [c for c in data.cidrs if users.get(c.addr, ident) != ident]
+            if not stale:
+                continue
+            log.warning(
+                "persisted %s for %s, but %s uses it on this host; forgetting the persisted entry",
+                ", ".join(str(c) for c in stale), ident, users[stale[0].addr],
+            )
+            data.cidrs = [c for c in data.cidrs if c not in stale]
+            if not data.cidrs:
+                del self.owned[ident]
+            self.store.save_owned(ident, data if data.cidrs else None)
+
+    def _take_over_previous_name(self, owner: int) -> bool:
+        """Take the ranges of `owner`, an earlier name of this host, if it is not live.
+
+        The database says this host ran as `owner`, and its containers' addresses lie in
+        `owner`'s ranges; nobody else can hand them out, and nobody will answer for them.
+        Taking them over is what `weave rmpeer OLD` run here would do, but done before any
+        other peer can rmpeer that name and hand the addresses out again.
+        """
+        # Only once another peer has spoken to us: before that, an unknown peer may just be
+        # one we have not heard of yet.
+        if not self._heard_from_mesh or owner not in self.config.previous_names:
+            return False
+        if self.config.is_known_peer(owner):
+            return False
+        moved = self.ring.transfer(owner, self.our_name)
+        if not moved:
+            return False
+        log.warning(
+            "Taking over %d addresses of %s, this host's previous peer name (its containers use them)",
+            sum(r.size for r in moved), peer_str(owner),
+        )
+        self._persist_ring()
+        self.space.update_ranges(self.ring.owned_ranges())
+        self._broadcast()
         return True
 
     # -------------------------------------------------------------- plumbing
@@ -284,6 +340,7 @@ class Allocator:
         self._update_state(sender, wire.decode_gossip_state(payload))
 
     def _update_state(self, sender: int, state: wire.GossipState) -> None:
+        self._heard_from_mesh = True
         if state.nicknames:
             self.nicknames.update(state.nicknames)
         if state.ring is not None:
@@ -551,6 +608,9 @@ class Allocator:
             op.result = None if op.answered else Claimed(op.ident, op.cidr)
         elif op.answered:
             log.error("[allocator] %s", error)
+            if op.on_host:
+                self.reclaim_failures.append(f"{op.ident}: {error}")
+                del self.reclaim_failures[:-MAX_RECLAIM_FAILURES]
             op.result = None
         else:
             op.result = ClaimFailed(op.ident, op.cidr, error)
@@ -565,6 +625,8 @@ class Allocator:
         self._establish_ring()
         self.dead.pop(op.ident, None)
         owner = self.ring.owner(addr)
+        if owner not in (UNKNOWN_PEER, self.our_name) and self._take_over_previous_name(owner):
+            owner = self.ring.owner(addr)
         if owner == UNKNOWN_PEER:
             log.info(
                 "Claim %s for %s: is in the range %s, but the allocator is not initialized yet; "
@@ -688,7 +750,15 @@ class Allocator:
     def free(self, ident: str, addr: int | None = None, now: float | None = None) -> None:
         """Release one address of `ident`, or all of them when addr is None."""
         self._set_now(now)
+        # A container detached before its address was reclaimed: stop claiming it.
+        host_claims = [o for o in self.pending_claims
+                       if o.on_host and o.ident == ident and addr in (None, o.cidr.addr)]
+        for op in host_claims:
+            self.pending_claims.remove(op)
         data = self.owned.get(ident)
+        if host_claims and (data is None or not any(addr in (None, c.addr) for c in data.cidrs)):
+            self._after_call()
+            return
         if addr is None:
             if data is None or not data.cidrs:
                 raise NotFound(f"Delete: no addresses for {ident}")
@@ -712,7 +782,8 @@ class Allocator:
             self.pending_allocates.remove(alloc_op)
             reason = f"Allocate request for {ident} cancelled"
             self._events.append(AllocateFailed(ident, alloc_op.subnet, reason))
-        for claim_op in [o for o in self.pending_claims if o.ident == ident]:
+        # Not a pre-claim: the address is in use here whatever this caller does (free drops it).
+        for claim_op in [o for o in self.pending_claims if o.ident == ident and not o.on_host]:
             self.pending_claims.remove(claim_op)
             self._finish_claim(claim_op, f"Claim request for {ident} cancelled")
             if claim_op.result is not None:
@@ -837,6 +908,7 @@ class Allocator:
         self.shutting_down = True
         for ident in {o.ident for o in self.pending_allocates} | {o.ident for o in self.pending_claims}:
             self.cancel(ident)
+        self.pending_claims.clear()  # pre-claims: nothing of ours is claimed any more
         self.pending_primes.clear()
         heir = self._pick_heir()
         self.ring.transfer(self.our_name, heir)

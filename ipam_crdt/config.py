@@ -86,4 +86,8 @@ class AllocatorConfig:
     now: float = 0.0
     allocate_timeout: float = DEFAULT_ALLOCATE_TIMEOUT
     claim_attempts: int = DEFAULT_CLAIM_ATTEMPTS
+    # Addresses in use on this host, claimed at start (ipam_crdt.reclaim); they never expire.
     pre_claims: list[PreClaim] = field(default_factory=list)
+    # Names this host ran under before (its database's peer name, when the peer-name file
+    # was lost): their ranges are ours to take over once the ring shows they are not live.
+    previous_names: frozenset[int] = frozenset()

@@ -14,7 +14,8 @@
     GET    /ring                           wait until the ring exists (`weave prime`) -> 200
     GET    /ipinfo/defaultsubnet           -> 200 "10.32.0.0/12"
     GET    /ipinfo/tracker                 -> 200 "" (no awsvpc/no-masq-local tracker)
-    DELETE /peer                           hand our space to a live peer (`weave reset`) -> 204
+    DELETE /peer                           hand our space to a live peer and stop (`weave reset`) -> 204;
+                                           409 while containers are attached here
     DELETE /peer/{id}                      rmpeer by name or nickname -> 200 "N IPs taken over from id\\n"
     GET    /status/ipam                    `weave status ipam`
 
@@ -23,7 +24,8 @@ pyweave adds `force=true` on DELETE /peer/{id} for a peer that is still connecte
 
 Errors answer with the message as text/plain: 400 malformed input, a subnet outside the
 range or a claim of a network/broadcast address; 404 nothing to free or an unknown peer;
-409 a claim of someone else's address or rmpeer of a live peer; 503 timed out waiting for
+409 a claim of someone else's address, rmpeer of a live peer, or DELETE /peer while
+containers are attached; 503 timed out waiting for
 consensus/space, or shutting down; 500 the database failed. Weave answers every error with
 400; its clients read only the message.
 A container found dead with `check-alive` answers 200 "cancelled", as Weave does.
@@ -194,7 +196,7 @@ def ipam_routes(service: IpamService) -> list[Route]:
 
     @_errors
     async def delete_peer(request: Request) -> Response:
-        await service.shutdown_handoff()
+        await service.hand_over()
         return Response(status_code=204)
 
     @_errors

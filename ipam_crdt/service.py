@@ -28,7 +28,8 @@ import argparse
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from ipam_crdt.config import (
 from ipam_crdt.errors import InvalidRequest, NotFound, StoreError
 from ipam_crdt.events import Allocated, AllocateFailed, Claimed, ClaimFailed, Event
 from ipam_crdt.naming import peer_str
+from ipam_crdt.reclaim import PortAddresses, reclaim_into
 from ipam_crdt.ring import UNKNOWN_PEER
 from ipam_crdt.store import SqliteStore
 from router.errors import WireError
@@ -97,6 +99,11 @@ class ClaimRejected(Conflict):
 
 class PeerStillConnected(Conflict):
     """`rmpeer` of a peer that is still in the mesh: taking its space would break the ring."""
+
+
+class StillInUse(Conflict):
+    """`DELETE /peer` while containers here use our space: handing it away would give
+    their addresses to other hosts' new containers."""
 
 
 class ContainerNotRunning(Conflict):
@@ -228,6 +235,7 @@ class IpamService:
         tick_interval: float = TICK_INTERVAL,
         clock: Callable[[], float] = time.time,
         is_alive: Callable[[str], Awaitable[bool]] | None = None,
+        host_ports: Sequence[PortAddresses] | None = None,
     ) -> None:
         self.mesh = mesh
         self.clock = clock
@@ -256,10 +264,17 @@ class IpamService:
             self.allocate_timeout = config.allocate_timeout
             self.universe = config.universe
             self.default_subnet = self._default_subnet(default_subnet)
+            if host_ports is not None:
+                self._plan_reclaim(config, host_ports)
             self.alloc = Allocator(config)
         except (IpamConfigError, StoreError) as exc:
             self._close_store()
             raise IpamConfigError(str(exc)) from None
+        # Set by the daemon (router.weaver) for `DELETE /peer`: an async context manager
+        # that holds off attaches while it is entered and yields why the hand-over must be
+        # refused (containers attached here), or None; and what stops the daemon after it.
+        self.handover_guard: Callable[[], AbstractAsyncContextManager[str | None]] | None = None
+        self.on_handed_over: Callable[[], None] | None = None
         self._channel = _Channel(self)
         self._waiters: dict[_Key, list[_Waiter]] = {}
         self._had_ring = not self.alloc.ring.is_empty()
@@ -281,6 +296,14 @@ class IpamService:
                 f"--ipalloc-default-subnet {subnet} is not inside --ipalloc-range {self.universe}"
             )
         return subnet
+
+    @staticmethod
+    def _plan_reclaim(config: AllocatorConfig, ports: Sequence[PortAddresses]) -> None:
+        """Claim every address in use on this host under our name (ipam_crdt.reclaim);
+        the same address on two of this host's containers refuses the start."""
+        plan = reclaim_into(config, ports)
+        if plan.conflicts:
+            raise IpamConfigError("; ".join(plan.conflicts))
 
     def _is_known_peer(self, name: int) -> bool:
         return name in self.mesh.peers
@@ -464,15 +487,24 @@ class IpamService:
     # -------------------------------------------------------------- parsing
 
     def parse_subnet(self, text: CIDR | str | None) -> CIDR:
-        """A subnet for allocation: `a.b.c.0/len`, overlapping the range; None = default subnet."""
+        """A subnet for allocation: `a.b.c.0/len` inside the range; None = default subnet.
+
+        Inside, not just overlapping: an address is handed out with the subnet's prefix, so
+        `0.0.0.0/0` would give a container `10.32.0.1/0`. `CIDR.parse_subnet` already
+        refuses subnets too small to hold an address besides network and broadcast (/31, /32).
+        """
         if text is None:
             return self.default_subnet
         try:
             subnet = text if isinstance(text, CIDR) else CIDR.parse_subnet(text)
         except InvalidRequest as exc:
             raise BadRequest(str(exc)) from None
-        if not self.universe.range().overlaps(subnet.range()):
-            raise BadRequest(f"subnet {subnet} is outside the IP allocation range {self.universe}")
+        inside, r = self.universe.range(), subnet.range()
+        if not (inside.start <= r.start and r.end <= inside.end):
+            raise BadRequest(
+                f"subnet {subnet} is outside the IP allocation range {self.universe}: "
+                "a subnet to allocate in must lie inside it"
+            )
         return subnet
 
     @staticmethod
@@ -547,6 +579,8 @@ class IpamService:
         network or broadcast address of the CIDR (Weave would record those).
         """
         c = self.parse_cidr(cidr)
+        if c.prefix_len == 0:
+            raise BadRequest(f"{c}: a /0 cannot be a container's subnet")
         if c.prefix_len <= 30 and c.addr in (c.network, c.network + c.size - 1):
             # Weave would record it; no container can use it, and allocation never hands it out.
             kind = "network" if c.addr == c.network else "broadcast"
@@ -638,6 +672,27 @@ class IpamService:
         log.info("rmpeer: took over %d addresses from %s (%s)", gained, peer_str(peer), name_or_nickname)
         return int(gained)
 
+    async def hand_over(self) -> int | None:
+        """`DELETE /peer` (what `weave reset` calls): give our space away, then stop the daemon.
+
+        Handing space away while this router goes on running let its containers keep
+        addresses that other hosts then handed to new containers (issue 12, defect 7). So
+        it is refused (409, `StillInUse`) while any container is attached here, checked
+        with attaches held off until the hand-over is done; and once done, IPAM serves no
+        more requests and the daemon stops: a hand-over is only ever part of a shutdown.
+        `weave reset` detaches the containers first.
+        """
+        if self.handover_guard is None:
+            heir = await self.shutdown_handoff()
+        else:
+            async with self.handover_guard() as refusal:
+                if refusal:
+                    raise StillInUse(f"not handing over this peer's IP space: {refusal}")
+                heir = await self.shutdown_handoff()
+        if self.on_handed_over is not None:
+            self.on_handed_over()
+        return heir
+
     async def shutdown_handoff(self, wait: float = HANDOFF_WAIT) -> int | None:
         """`weave reset`: hand all our ranges to a live peer and stop serving requests.
 
@@ -724,7 +779,7 @@ class IpamService:
 
 __all__ = [
     "CHANNEL", "DEFAULT_RANGE", "IpamService", "IpamSettings", "IpamServiceError", "BadRequest",
-    "NotFoundError", "UnknownPeer", "Conflict", "ClaimRejected", "PeerStillConnected",
+    "NotFoundError", "UnknownPeer", "Conflict", "ClaimRejected", "PeerStillConnected", "StillInUse",
     "ContainerNotRunning", "Unavailable", "AllocationTimeout", "AllocationFailed", "ShuttingDown",
     "StorageFailure", "IpamConfigError",
 ]

@@ -33,6 +33,18 @@ def status_lines(alloc: Allocator) -> list[str]:
     if c is not None and alloc.now - c.last_seen < CONFLICT_STALE_AFTER:
         remedy = SEED_REMEDY if c.message.startswith("IP allocation was seeded") else RANGE_REMEDY
         lines.append(f"{c.message} - {remedy} (seen {c.count} times)")
+    waiting = [o for o in alloc.pending_claims if o.on_host and not alloc.ring.is_empty()]
+    owners = sorted({alloc.ring.owner(o.cidr.addr) for o in waiting} - {alloc.our_name})
+    dead = [o for o in owners if not alloc.is_known(o)]
+    if dead:
+        names = ", ".join(peer_str(o) for o in dead)
+        lines.append(
+            f"{len(waiting)} address(es) in use on this host lie in ranges of unreachable peer(s) {names} "
+            "- if that was this host under an earlier name, run 'weave rmpeer' for it here; "
+            "never on another host, which would hand the addresses out again"
+        )
+    for failure in alloc.reclaim_failures:
+        lines.append(f"address in use on this host refused by IPAM: {failure} - it may be in use twice")
     return lines
 
 

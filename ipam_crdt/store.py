@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 DB_FILE = "ipam.sqlite3"
 SCHEMA_VERSION = 1
+SQLITE_HEADER = b"SQLite format 3\x00"
+# Our tables and their columns, in order: anything else is somebody else's file.
+_TABLES = {"meta": ("key", "value"), "owned": ("ident", "is_container", "cidrs")}
 
 
 @dataclass
@@ -51,6 +54,10 @@ class IPAMStore(Protocol):
         ...
 
     def save_ring(self, our_name: int, ring: Ring) -> None: ...
+
+    def peek(self) -> tuple[int | None, dict[str, OwnedData]]:
+        """The peer name and allocations stored, whatever name they were written under."""
+        ...
 
     def save_owned(self, ident: str, data: OwnedData | None) -> None:
         """Record an ident's addresses; None forgets the ident."""
@@ -91,6 +98,9 @@ class MemoryStore:
         assert self.ring is not None
         return Persisted(self.ring.copy(our_name), {k: _copy_owned(v) for k, v in self.owned.items()})
 
+    def peek(self) -> tuple[int | None, dict[str, OwnedData]]:
+        return self.name, {k: _copy_owned(v) for k, v in self.owned.items()}
+
     def save_ring(self, our_name: int, ring: Ring) -> None:
         self.name = our_name
         self.ring = ring.copy()
@@ -120,6 +130,16 @@ def _copy_owned(d: OwnedData) -> OwnedData:
     return OwnedData(d.is_container, list(d.cidrs))
 
 
+def _owned_rows(rows: list[tuple[str, int, str]]) -> dict[str, OwnedData]:
+    owned = {}
+    for ident, is_container, cidrs in rows:
+        try:
+            owned[ident] = OwnedData(bool(is_container), [CIDR.parse(c) for c in cidrs.split(",") if c])
+        except IPAMError as exc:
+            log.warning("IPAM database: dropping unreadable addresses of %s (%s)", ident, exc)
+    return owned
+
+
 class SqliteStore:
     """IPAM state in `<directory>/ipam.sqlite3`; every write is its own committed transaction."""
 
@@ -127,6 +147,7 @@ class SqliteStore:
         self.path = Path(directory) / DB_FILE
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._inspect()
             # The allocator is single-threaded, but a service may run it in a worker thread.
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA synchronous=FULL")
@@ -150,6 +171,51 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def _inspect(self) -> None:
+        """Refuse a file that is not sound and ours, before anything writes to it.
+
+        Read-only, so that a damaged or foreign file stays exactly as found, for the
+        operator to inspect or move away: starting on it could hand out an address twice
+        (a lost page of `owned`), and rebuilding it would forget what it still holds.
+        """
+        try:
+            with self.path.open("rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        except FileNotFoundError:
+            return
+        if not header:
+            return  # an empty file is a new database to sqlite
+        if header != SQLITE_HEADER:
+            raise StoreError(
+                f"cannot open IPAM database {self.path}: file is not a database (no sqlite header); "
+                "it was left as it is: move it away to start with an empty IPAM database"
+            )
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = db.execute("PRAGMA quick_check(5)").fetchall()
+            problems = [line for (text,) in rows for line in str(text).splitlines() if line.strip()]
+            if problems != ["ok"]:
+                raise StoreError(
+                    f"IPAM database {self.path} is damaged ({'; '.join(problems)}); it was kept for "
+                    "inspection: restore it from a backup, or move it away to start afresh (this "
+                    "host's containers' addresses are then claimed again from the bridge)"
+                )
+            tables = {
+                name: tuple(col[1] for col in db.execute(f"PRAGMA table_info('{name}')").fetchall())
+                for (name,) in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+                ).fetchall()
+            }
+        finally:
+            db.close()
+        unknown = {n: cols for n, cols in tables.items() if _TABLES.get(n) != cols}
+        if unknown:
+            found = ", ".join(f"{n}({', '.join(cols)})" for n, cols in sorted(unknown.items()))
+            raise StoreError(
+                f"{self.path} is not an IPAM database of this program (tables {found}); "
+                "it was left as it is: move it away to start with an empty IPAM database"
+            )
 
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
@@ -193,14 +259,22 @@ class SqliteStore:
             self.clear()
             return None
         assert ring is not None
-        owned = {}
-        for ident, is_container, cidrs in rows:
-            try:
-                owned[ident] = OwnedData(bool(is_container), [CIDR.parse(c) for c in cidrs.split(",") if c])
-            except IPAMError as exc:
-                log.warning("IPAM database: dropping unreadable addresses of %s (%s)", ident, exc)
         ring.peer = our_name
-        return Persisted(ring, owned)
+        return Persisted(ring, _owned_rows(rows))
+
+    def peek(self) -> tuple[int | None, dict[str, OwnedData]]:
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'peername'").fetchone()
+            rows = self._db.execute("SELECT ident, is_container, cidrs FROM owned ORDER BY rowid").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read IPAM database {self.path}: {exc}") from None
+        name = None
+        if row is not None:
+            try:
+                name = int(row[0])
+            except (TypeError, ValueError):
+                log.warning("IPAM database %s holds an unreadable peer name %r", self.path, row[0])
+        return name, _owned_rows(rows)
 
     def save_ring(self, our_name: int, ring: Ring) -> None:
         blob = encode_ring(RingData.of(ring))

@@ -47,6 +47,7 @@ class SimPeer:
     alloc: Allocator | None
     uid: int = 0
     events: list[Event] = field(default_factory=list)
+    configure: Callable[[AllocatorConfig], None] | None = None
 
 
 class SimNetwork:
@@ -63,8 +64,20 @@ class SimNetwork:
 
     # ------------------------------------------------------------ membership
 
-    def add_peer(self, name: int, bootstrap: Bootstrap | None = None, nickname: str = "") -> Allocator:
-        peer = SimPeer(name, nickname or f"p{name}", bootstrap or ConsensusMode(), MemoryStore(), None)
+    def add_peer(
+        self,
+        name: int,
+        bootstrap: Bootstrap | None = None,
+        nickname: str = "",
+        *,
+        store: MemoryStore | None = None,
+        configure: Callable[[AllocatorConfig], None] | None = None,
+    ) -> Allocator:
+        """A new peer; `store` is its disk (a lost peer name: another peer's store),
+        `configure` adjusts its config before it boots (pre-claims, previous names)."""
+        store = store or MemoryStore()
+        peer = SimPeer(name, nickname or f"p{name}", bootstrap or ConsensusMode(), store, None)
+        peer.configure = configure
         self.peers[name] = peer
         self._boot(peer)
         assert peer.alloc is not None
@@ -87,6 +100,8 @@ class SimNetwork:
             rng=random.Random(self.rng.getrandbits(32)),
             now=self.now,
         )
+        if peer.configure is not None:
+            peer.configure(config)
         peer.alloc = Allocator(config)
         self._collect(peer)
 

@@ -8,10 +8,11 @@ caller, or allocated by IPAM (`net:default`, `net:CIDR`) when the daemon runs it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -241,6 +242,12 @@ class Attacher:
 
                 remove_netns_resolv_conf(container)
 
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[list[containers.Attachment]]:
+        """The containers attached now, with attach and detach held off until exit."""
+        async with self._lock:
+            yield await self.ps()
+
     async def ps(self) -> list[containers.Attachment]:
         return await trio.to_thread.run_sync(functools.partial(containers.list_attached, self.bridge))
 
@@ -263,6 +270,17 @@ def _apply_dns_routes(config: Any) -> None:
         for n in config.neighbours:
             index = ipr.link_lookup(ifname=n.dev)[0]
             ipr.neigh("replace", dst=n.address, lladdr=n.lladdr, ifindex=index, state=0x80)  # NUD_PERMANENT
+
+
+def handover_refusal(atts: list[containers.Attachment], shown: int = 5) -> str | None:
+    """Why `DELETE /peer` must be refused while these containers are attached, or None."""
+    if not atts:
+        return None
+    names = ", ".join(f"{a.container} ({' '.join(str(x) for x in a.addresses) or 'no address'})"
+                      for a in atts[:shown])
+    more = f" and {len(atts) - shown} more" if len(atts) > shown else ""
+    return (f"{len(atts)} container(s) attached here would keep addresses other hosts could then "
+            f"hand out: {names}{more}; detach them first ('weave reset' does)")
 
 
 def attachment_lines(atts: list[containers.Attachment]) -> str:

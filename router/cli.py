@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import json
@@ -232,14 +233,16 @@ def cmd_stop(_: list[str]) -> int:
     if pid is None:
         print("weave is not running")
         return 0
-    os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):  # it was stopping already (weave reset)
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if not _alive(pid):
             break
         time.sleep(0.05)
     else:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     _pid_file().unlink(missing_ok=True)
     print("weave router stopped")
     return 0
@@ -252,6 +255,9 @@ def cmd_reset(args: list[str]) -> int:
     """Hand our IP space to a live peer, stop, and remove the state and the kernel objects."""
     if _running_pid() is not None:
         try:
+            # The router hands its space over only with no container attached (then stops).
+            for att in json.loads(_request("GET", "/ps?format=json")):
+                _request("POST", "/detach", [("container", att["Container"])])
             _request("DELETE", "/peer", timeout=10)
         except CliError as exc:
             print(f"weave reset: could not hand over IP space: {exc}", file=sys.stderr)

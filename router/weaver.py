@@ -11,16 +11,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from fastdp.service import FastdpService
+from ipam_crdt.reclaim import scan_bridge
 from ipam_crdt.service import IpamConfigError, IpamService, IpamSettings
 from router.api import build_app
-from router.attach import Attacher, IpamAllocator, attach_routes
+from router.attach import Attacher, IpamAllocator, attach_routes, handover_refusal
 from router.bridge import DEFAULT_TAP, DriverError, ensure_bridge, ensure_tap
 from router.config import ConfigError, RouterConfig, parse_args
 from router.expose import Exposer, expose_routes
@@ -85,7 +86,10 @@ async def run(
     ipam = None
     if cfg.ipalloc_range:  # "" turns IPAM off, as in Weave
         settings = IpamSettings(cfg.ipalloc_range, cfg.ipalloc_init, cfg.ipalloc_default_subnet or None)
-        ipam = IpamService(mesh, settings, cfg.state_dir)
+        # Before IPAM serves anyone: the addresses this host's containers already use
+        # are claimed first, whatever the database remembers (ipam_crdt.reclaim).
+        ports = await trio.to_thread.run_sync(scan_bridge, cfg.bridge)
+        ipam = IpamService(mesh, settings, cfg.state_dir, host_ports=ports)
     attacher = Attacher(
         cfg.bridge,
         cfg.mtu,
@@ -93,14 +97,19 @@ async def run(
         ipam=IpamAllocator(ipam) if ipam is not None else None,
         dns_domain=cfg.dns_domain,
     )
+    stop = trio.Event()
+    if ipam is not None:
+        ipam.handover_guard = functools.partial(_handover_guard, attacher)
     exposer = Exposer(cfg.bridge, attacher.ipam)
     app = build_app(mesh, dns=dns, ipam=ipam, routes=[*attach_routes(attacher), *expose_routes(exposer)])
     http = HypercornConfig()
     http.bind = [cfg.http_addr]
     http.accesslog = None
     http.errorlog = logging.getLogger("router.http")
-    shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
+        if ipam is not None:
+            # DELETE /peer gave our space away: stop, once its answer has gone out.
+            ipam.on_handed_over = functools.partial(nursery.start_soon, _stop_soon, stop)
         await nursery.start(sleeve.run)
         if fastdp is not None:
             await nursery.start(fastdp.run)
@@ -120,12 +129,33 @@ async def run(
         gc.enable()
         cpu = time.process_time()
         log.info("weaver ready: API on http://%s (%.2f s CPU since start)", cfg.http_addr, cpu)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("received %s, shutting down", signal.Signals(signum).name)
-                shutdown.set()
-                break
+        await nursery.start(_on_signal, stop)
+        await stop.wait()
         nursery.cancel_scope.cancel()
+
+
+async def _on_signal(
+    stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+async def _stop_soon(stop: trio.Event, delay: float = 0.3) -> None:
+    log.info("IP space handed over (DELETE /peer): shutting down")
+    await trio.sleep(delay)
+    stop.set()
+
+
+@contextlib.asynccontextmanager
+async def _handover_guard(attacher: Attacher) -> AsyncIterator[str | None]:
+    """For DELETE /peer: attaches held off; why to refuse if containers are attached."""
+    async with attacher.held() as attached:
+        yield handover_refusal(attached)
 
 
 def main(

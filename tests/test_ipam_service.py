@@ -332,6 +332,47 @@ async def test_shutdown_handoff_moves_space_to_a_live_peer(tmp_path: Path) -> No
         assert len(got) == 6
 
 
+async def test_delete_peer_is_refused_while_the_guard_says_so(tmp_path: Path) -> None:
+    async with cluster(tmp_path, nicks="ab", init="consensus=2") as c:
+        a = c.routers["a"]
+        port = await serve_api(c.nursery, a.ipam)
+        assert (await http(port, "POST", "/ip/c1"))[0] == 200
+        ranges = a.ipam.owned_ranges()
+        refusal: list[str | None] = ["1 container(s) attached here: c1"]
+        entered: list[bool] = []
+        stopped: list[bool] = []
+
+        @asynccontextmanager
+        async def guard() -> AsyncIterator[str | None]:
+            entered.append(True)
+            yield refusal[0]
+
+        a.ipam.handover_guard = guard
+        a.ipam.on_handed_over = lambda: stopped.append(True)
+        status, body = await http(port, "DELETE", "/peer")
+        assert (status, "attached here: c1" in body) == (409, True), body
+        assert a.ipam.owned_ranges() == ranges and not a.ipam.alloc.shutting_down and not stopped
+        assert (await http(port, "POST", "/ip/c2"))[0] == 200  # still serving
+        refusal[0] = None
+        assert await http(port, "DELETE", "/peer") == (204, "")
+        assert entered == [True, True] and stopped == [True]
+        assert a.ipam.owned_ranges() == [] and a.ipam.alloc.shutting_down
+
+
+async def test_damaged_database_refuses_to_start(tmp_path: Path) -> None:
+    from tests.test_ipam_store import _filled_database
+
+    path = _filled_database(tmp_path)
+    with path.open("r+b") as f:
+        f.seek(16384)
+        f.write(b"\x5a" * 4096)
+    damaged = path.read_bytes()
+    mesh = Mesh(MeshConfig(name=random_peer_name(), nickname="x", port=0, host=HOST))
+    with pytest.raises(IpamConfigError, match="ipam.sqlite3 is damaged"):
+        IpamService(mesh, IpamSettings(), tmp_path)
+    assert path.read_bytes() == damaged
+
+
 async def test_allocate_before_consensus_times_out_clearly(tmp_path: Path) -> None:
     async with cluster(tmp_path, nicks="a") as c:
         a = c.routers["a"]
@@ -418,6 +459,13 @@ async def test_http_api(tmp_path: Path) -> None:
             ("PUT", "/ip/c6/10.40.0.50/24", 409, "already owned by c4"),
             ("POST", "/ip/c6/10.40.0.5/25", 400, "bits after network prefix"),
             ("POST", "/ip/c6/192.168.0.0/24", 400, "outside the IP allocation range"),
+            # A subnet that only overlaps the range would hand out its addresses with its prefix.
+            ("POST", "/ip/c6/0.0.0.0/0", 400, "outside the IP allocation range"),
+            ("POST", "/ip/c6/10.0.0.0/8", 400, "outside the IP allocation range"),
+            ("GET", "/ip/c6/0.0.0.0/0", 400, "outside the IP allocation range"),
+            ("POST", "/ip/c6/10.40.0.0/31", 400, "smaller than minimum size"),
+            ("POST", "/ip/c6/10.40.0.0/32", 400, "smaller than minimum size"),
+            ("PUT", "/ip/c6/10.40.0.9/0", 400, "/0"),
             ("POST", "/ip/c6/10.40.0.0/40", 400, "invalid CIDR"),
             ("GET", "/ip/c6/10.40.0.0/nope", 400, "invalid CIDR"),
             ("PUT", "/ip/c6/10.40.0.256/24", 400, "invalid IPv4 address"),

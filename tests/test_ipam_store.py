@@ -150,3 +150,66 @@ def test_memory_store_snapshot_is_independent() -> None:
     assert snap.load(P1, UNIVERSE.range()) is not None
     assert snap.owned == {"c": OwnedData(True, [CIDR.parse("10.40.0.1/16")])}
     assert store.owned == {}
+
+
+def _filled_database(directory: Path, containers: int = 120) -> Path:
+    """A real IPAM database (written by the store) of more than five pages."""
+    alloc = allocator(directory)
+    for i in range(containers):
+        alloc.allocate(f"container-{i:04d}-" + "x" * 200, UNIVERSE)
+    alloc.store.close()  # type: ignore[attr-defined]
+    return directory / DB_FILE
+
+
+def test_corrupt_page_refuses_to_open_and_keeps_the_file(tmp_path: Path) -> None:
+    path = _filled_database(tmp_path)
+    with sqlite3.connect(path) as db:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    assert pages > 5 and page_size <= 4096  # offset 16384 is a page, and not the last one
+    with path.open("r+b") as f:
+        f.seek(16384)
+        f.write(b"\xa5" * 4096)  # the page at offset 16384, overwritten with junk
+    damaged = path.read_bytes()
+    with pytest.raises(StoreError, match=r"damaged.*kept for inspection"):
+        SqliteStore(tmp_path)
+    assert path.read_bytes() == damaged  # not deleted, not repaired, not written to
+
+
+def test_intact_database_opens(tmp_path: Path) -> None:
+    _filled_database(tmp_path, 50)
+    store = SqliteStore(tmp_path)
+    assert len(store.owned_snapshot()) == 50
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        ["CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER)"],  # some other program's
+        ["CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+         "CREATE TABLE owned (ident TEXT PRIMARY KEY, address TEXT)"],  # our names, other columns
+        ["CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+         "CREATE TABLE owned (ident TEXT PRIMARY KEY, is_container INTEGER NOT NULL, cidrs TEXT NOT NULL)",
+         "CREATE TABLE extra (x)"],  # a table we never made
+    ],
+)
+def test_unknown_schema_is_refused_and_left_alone(tmp_path: Path, schema: list[str]) -> None:
+    path = tmp_path / DB_FILE
+    with sqlite3.connect(path) as db:
+        for sql in schema:
+            db.execute(sql)
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="not an IPAM database of this program"):
+        SqliteStore(tmp_path)
+    assert path.read_bytes() == before
+
+
+def test_not_a_database_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / DB_FILE
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot open IPAM database"):
+        SqliteStore(tmp_path)
+    assert path.read_bytes() == b"this is not sqlite" * 100
