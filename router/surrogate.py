@@ -25,14 +25,21 @@ is charged for is forgotten with what it remembered. The de-duplication state of
 channel is shared by the connections charged for it, as gossip that comes back over
 another connection must still be recognised.
 
+What this cannot prevent: neighbour gossip is passed on in the relaying router's name,
+so the names a stranger makes up count against the budget of each honest connection
+they are relayed over. Such a link may then refuse channels new to it (dropped and
+counted) until the stranger stops and its names expire; it keeps the channels it already
+carries (they are refreshed), channels this router implements are never affected, and
+broadcasts and unicasts of unknown channels are always relayed.
+
 Worst case, with the defaults: each channel remembers at most _MAX_REMEMBERED (256)
 digests of about 150 bytes each (digest, time and OrderedDict entry, measured on
 CPython 3.11), under 40 KiB, and a name of at most MAX_CHANNEL_NAME (256) characters;
 each connection is charged for at most 16 channels, so under 0.7 MiB per connection;
-with the mesh's connection limit (200) at most 3200 channels, about 125 MiB, which
-takes 200 authenticated connections all flooding made-up names within one interval.
-Pending relayed gossip for one neighbour is bounded too (RawGossip: _MAX_PENDING
-payloads of at most _MAX_PENDING_BYTES together, the newest kept).
+with the mesh's connection limit (200 by default) at most 3200 channels, about 125 MiB,
+which takes 200 authenticated connections all flooding made-up names and payloads. Relayed
+gossip waiting for a slow neighbour is bounded too, per channel (RawGossip.merge: the
+newest _MAX_PENDING payloads within _MAX_PENDING_BYTES, or the newest alone if larger).
 """
 
 from __future__ import annotations
