@@ -55,8 +55,6 @@ from router.gossip_api import Action, GossipData
 
 log = logging.getLogger(__name__)
 
-_FNV_OFFSET = 0xCBF29CE484222325
-_FNV_PRIME = 0x100000001B3
 # Payload digests remembered per channel for de-duplication. More distinct payloads
 # than this within one interval only means an old duplicate may be passed on again
 # (the neighbours still recognise it).
@@ -69,16 +67,10 @@ QUIET_INTERVALS = 3
 MAX_CHANNEL_NAME = 256
 
 
-def fnv64a(data: bytes) -> int:
-    h = _FNV_OFFSET
-    for byte in data:
-        h = ((h ^ byte) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
-    return h
-
-
 def payload_digest(data: bytes) -> bytes:
     """What stands for a payload in the de-duplication memory: fixed size, and no one
-    can make two payloads that share it (FNV-64a would need the bytes kept as well)."""
+    can make two payloads that share it (mesh's FNV-64a needs the bytes kept as well,
+    and costs a Python loop per byte here)."""
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
