@@ -7,9 +7,13 @@ password, garbage, a stall, a peer resetting mid-send, even a bug in a handler) 
 connection alone, with the reason logged.
 
 Gossip sent per channel is counted (gossip_bytes_sent etc., on /metrics as
-pyweave_gossip_bytes_sent_total{channel}). Test-only knob: the environment variable
-PYWEAVE_HEARTBEAT_INTERVAL (seconds) replaces the 30 s TCP heartbeat interval; the read
-timeout is always twice it (see HEARTBEAT_ENV).
+pyweave_gossip_bytes_sent_total{channel}): by name for the channels this router
+implements, and all others together as OTHER_CHANNELS, since their names come from peers
+and a label per made-up name would grow without bound. Gossip on channels we don't
+implement is relayed within per-connection bounds (router/surrogate.py).
+
+Test-only knob: the environment variable PYWEAVE_HEARTBEAT_INTERVAL (seconds) replaces
+the 30 s TCP heartbeat interval; the read timeout is always twice it (see HEARTBEAT_ENV).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from router.overlay import Overlay, OverlayConn
 from router.peername import format_peer_name
 from router.protocol import GossipMessage, Tag, decode_gossip, encode_gossip, encode_message, split_message
 from router.routes import Routes
-from router.surrogate import SurrogateGossiper
+from router.surrogate import MAX_CHANNEL_NAME, SurrogateTable
 from router.targets import MAX_DISCOVERED, ConnectionMaker, PeerAddress, discovery_delay, normalise_address
 from router.topology import Peers, choose_short_id
 
@@ -68,7 +72,6 @@ GOSSIP_MAX_SPACING = 1.0
 SEND_QUEUE_LENGTH = 1024
 ACCEPT_BURST = 20
 ACCEPT_REFILL = 0.05
-MAX_SURROGATES = 64
 # Distinct (task, exception type) pairs whose first occurrence is logged with a traceback.
 MAX_UNEXPECTED_KINDS = 64
 # A mesh task that failed unexpectedly waits this long before its next round, so a fault
@@ -78,6 +81,11 @@ UNEXPECTED_BACKOFF = 1.0
 # addresses; each dial holds a socket (and maybe a resolver thread) until it fails.
 MAX_DIALS_IN_FLIGHT = 32
 TOPOLOGY_CHANNEL = "topology"
+# The /metrics label of gossip on channels this router does not implement.
+OTHER_CHANNELS = "other"
+# Not rejections: "relaying gossip channel ..." lines, at most one per interval, since a
+# peer can make up new channel names as fast as old ones expire.
+_RELAY_LOG = ratelog.RateLimitedLog()
 _OVERLAY_TAGS = frozenset(
     {Tag.CONNECTION_ESTABLISHED, Tag.FRAGMENTATION_RECEIVED, Tag.PMTU_VERIFIED, Tag.OVERLAY_CONTROL}
 )
@@ -238,13 +246,14 @@ class Mesh:
         self.channels: dict[str, Gossiper] = {}
         self.termination_count = 0
         # Gossip sent (whole frames as written to the sockets) and received, by channel:
-        # Prometheus pyweave_gossip_{bytes,messages}_{sent,received}_total on /metrics.
+        # Prometheus pyweave_gossip_{bytes,messages}_{sent,received}_total on /metrics;
+        # keyed by _metric_channel, so the keys are bounded.
         self.gossip_bytes_sent: Counter[str] = Counter()
         self.gossip_messages_sent: Counter[str] = Counter()
         self.gossip_bytes_received: Counter[str] = Counter()
         self.gossip_messages_received: Counter[str] = Counter()
         self.listening: list[tuple[str, int]] = []
-        self._surrogates: dict[str, SurrogateGossiper] = {}
+        self._surrogates = SurrogateTable(GOSSIP_INTERVAL)
         self._topology_dirty: set[int] = set()
         self._topology_event = trio.Event()
         self._maker_event = trio.Event()
@@ -521,6 +530,7 @@ class Mesh:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             self.all_connections.discard(conn)
+            self._surrogates.forget(conn)
             if registered:
                 self._deregister(conn)
             what = "connection to" if outbound else "connection from"
@@ -636,8 +646,9 @@ class Mesh:
             data = codec.encode_frame(message)
             await conn.stream.send_all(data)
             if channel is not None:
-                self.gossip_bytes_sent[channel] += len(data)
-                self.gossip_messages_sent[channel] += 1
+                label = self._metric_channel(channel)
+                self.gossip_bytes_sent[label] += len(data)
+                self.gossip_messages_sent[label] += 1
 
         try:
             while True:
@@ -706,10 +717,13 @@ class Mesh:
         if tag not in (Tag.GOSSIP, Tag.GOSSIP_UNICAST, Tag.GOSSIP_BROADCAST):
             return  # heartbeats and tags we don't know
         msg = decode_gossip(tag, body)
-        self.gossip_bytes_received[msg.channel] += len(frame)
-        self.gossip_messages_received[msg.channel] += 1
+        label = self._metric_channel(msg.channel)
+        self.gossip_bytes_received[label] += len(frame)
+        self.gossip_messages_received[label] += 1
         gossiper = self._channel(msg.channel)
-        if msg.tag == Tag.GOSSIP:
+        if gossiper is None:
+            self._relay_unknown(conn, msg)
+        elif msg.tag == Tag.GOSSIP:
             data = gossiper.on_gossip(msg.payload)
             if data is not None:
                 self._gossip_neighbours(msg.channel, data, exclude=conn.remote_name)
@@ -725,20 +739,56 @@ class Mesh:
             else:
                 self._relay_unicast(msg.channel, msg.src, msg.dst, msg.payload)
 
-    def _channel(self, name: str) -> Gossiper:
+    def _channel(self, name: str) -> Gossiper | None:
+        """The application for a channel; None for one this router does not implement."""
         if name == TOPOLOGY_CHANNEL:
             return _TopologyGossiper(self)
-        gossiper = self.channels.get(name)
-        if gossiper is not None:
-            return gossiper
-        surrogate = self._surrogates.get(name)
+        return self.channels.get(name)
+
+    def _metric_channel(self, name: str) -> str:
+        return name if name == TOPOLOGY_CHANNEL or name in self.channels else OTHER_CHANNELS
+
+    def _relay_unknown(self, conn: Connection, msg: GossipMessage) -> None:
+        """Pass on gossip of a channel we don't implement, for the Weave peers that do.
+
+        Broadcasts and unicasts for others need no state; neighbour gossip needs the
+        channel's de-duplication, charged to the connection it came on (which may only be
+        relaying it). Beyond that connection's budget the gossip is dropped and counted:
+        the connection itself may have done nothing wrong."""
+        if msg.tag == Tag.GOSSIP_BROADCAST:
+            self._relay_broadcast(msg.channel, msg.src, msg.payload)
+            return
+        if msg.tag == Tag.GOSSIP_UNICAST:
+            assert msg.dst is not None
+            if msg.dst != self.name:  # one for us has no application to go to
+                self._relay_unicast(msg.channel, msg.src, msg.dst, msg.payload)
+            return
+        if len(msg.channel) > MAX_CHANNEL_NAME:
+            ratelog.reject(
+                log, "gossip", "unknown_channel_name_too_long",
+                "dropping gossip from %s on an unknown channel with a name of %d characters (at most %d)",
+                conn.describe(), len(msg.channel), MAX_CHANNEL_NAME,
+            )
+            return
+        new = msg.channel not in self._surrogates
+        surrogate = self._surrogates.gossiper(conn, msg.channel, trio.current_time())
         if surrogate is None:
-            if len(self._surrogates) >= MAX_SURROGATES:
-                raise ProtocolError(f"too many unknown gossip channels (last: {name!r})")
-            log.info("relaying gossip channel %r, which this router does not implement", name)
-            surrogate = self._surrogates[name] = SurrogateGossiper(GOSSIP_INTERVAL)
-        surrogate.now = trio.current_time()
-        return surrogate
+            ratelog.reject(
+                log, "gossip", "unknown_channel_limit",
+                "dropping gossip on unknown channel %.64r from %s: the connection already carries "
+                "gossip of %d unknown channels",
+                msg.channel, conn.describe(), self._surrogates.per_connection,
+            )
+            return
+        if new:
+            _RELAY_LOG.reject(
+                log, "gossip", "new_unknown_channel",
+                "relaying gossip channel %.64r, which this router does not implement", msg.channel,
+                level=logging.INFO,
+            )
+        data = surrogate.on_gossip(msg.payload)
+        if data is not None:
+            self._gossip_neighbours(msg.channel, data, exclude=conn.remote_name)
 
     def _gossip_body(
         self, channel: str, payload: bytes, tag: Tag = Tag.GOSSIP, src: int | None = None

@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from router import surrogate
-from router.surrogate import RawGossip, SurrogateGossiper, fnv64a
+from router import ratelog, surrogate
+from router.surrogate import (
+    _MAX_PENDING,
+    _MAX_PENDING_BYTES,
+    MAX_CHANNEL_NAME,
+    RawGossip,
+    SurrogateGossiper,
+    SurrogateTable,
+)
 
 INTERVAL = 30.0
-
-# Go's hash/fnv golden64a vectors (fnv_test.go): what mesh's fnv.New64a() computes.
-GO_GOLDEN_64A = [
-    (b"", 0xCBF29CE484222325),
-    (b"a", 0xAF63DC4C8601EC8C),
-    (b"ab", 0x089C4407B545986A),
-    (b"abc", 0xE71FA2190541574B),
-]
-
-
-@pytest.mark.parametrize(("data", "expected"), GO_GOLDEN_64A)
-def test_fnv64a_matches_go_golden_vectors(data: bytes, expected: int) -> None:
-    assert fnv64a(data) == expected
-
-
-def _reference_fnv64a(data: bytes) -> int:
-    h = 14695981039346656037
-    for b in data:
-        h ^= b
-        h = (h * 1099511628211) % 2**64
-    return h
-
-
-@given(st.binary(max_size=256))
-def test_fnv64a_is_the_64_bit_fnv1a(data: bytes) -> None:
-    assert fnv64a(data) == _reference_fnv64a(data)
-    assert 0 <= fnv64a(data) < 2**64
 
 
 def _payloads(data: object) -> list[bytes]:
@@ -95,12 +74,12 @@ def test_clock_callable_is_used() -> None:
     assert g.on_gossip(b"x") is not None
 
 
-def test_same_hash_different_bytes_is_not_a_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(surrogate, "fnv64a", lambda data: 42)
+def test_payloads_differing_in_one_byte_are_not_duplicates() -> None:
     g = SurrogateGossiper(INTERVAL)
     assert g.on_gossip(b"one") is not None
-    assert g.on_gossip(b"two") is not None
+    assert g.on_gossip(b"onf") is not None
     assert g.on_gossip(b"one") is None
+    assert g.remembered() == 2
 
 
 def test_old_entries_are_forgotten() -> None:
@@ -144,3 +123,107 @@ def test_raw_gossip_merge_keeps_every_message_in_order() -> None:
     assert isinstance(merged, RawGossip)
     assert merged.encode() == [b"a", b"b", b"c"]
     assert a.encode() == [b"a"]  # merging made a new value
+
+
+def test_a_big_payload_is_remembered_by_a_fixed_size_digest() -> None:
+    g = SurrogateGossiper(INTERVAL)
+    big = b"x" * 1_000_000
+    assert g.on_gossip(big) is not None
+    assert g.on_gossip(bytes(big)) is None
+    (key,) = g._seen
+    assert len(key) == 16  # not the payload itself
+
+
+def test_pending_relayed_gossip_is_bounded_newest_kept() -> None:
+    before = ratelog.REJECTS.counts[("gossip", "relay_backlog")]
+    data = RawGossip.of(b"0")
+    for i in range(1, 200):
+        merged = data.merge(RawGossip.of(str(i).encode()))
+        assert isinstance(merged, RawGossip)
+        data = merged
+    assert len(data.payloads) == _MAX_PENDING
+    assert data.payloads[-1] == b"199" and data.payloads[0] == str(200 - _MAX_PENDING).encode()
+    assert ratelog.REJECTS.counts[("gossip", "relay_backlog")] - before == 200 - _MAX_PENDING
+    # By bytes too, but the newest payload is always kept, however big.
+    half = RawGossip.of(b"a" * (_MAX_PENDING_BYTES // 2 + 1))
+    assert half.merge(half).encode() == half.encode()
+    huge = RawGossip.of(b"h" * (_MAX_PENDING_BYTES + 1))
+    assert RawGossip.of(b"small").merge(huge).encode() == huge.encode()
+
+
+# ---------------------------------------------------------------- the table
+
+
+def test_table_charges_each_connection_for_its_own_channels() -> None:
+    t = SurrogateTable(INTERVAL, per_connection=3)
+    for name in ("a", "b", "c"):
+        assert t.gossiper("stranger", name, 0.0) is not None
+    assert t.gossiper("stranger", "d", 0.0) is None  # its budget is spent
+    assert t.gossiper("stranger", "a", 0.0) is not None  # what it holds still works
+    assert t.gossiper("honest", "d", 0.0) is not None  # another's budget is its own
+    assert t.gossiper("honest", "a", 0.0) is t.gossiper("stranger", "a", 0.0)  # shared de-duplication
+    assert t.charged("stranger") == {"a", "b", "c"} and t.charged("honest") == {"a", "d"}
+    assert t.channels() == {"a", "b", "c", "d"} and t.charges() == 5
+
+
+def test_table_charges_lapse_after_the_quiet_time() -> None:
+    t = SurrogateTable(INTERVAL, per_connection=2, quiet=90.0)
+    g = t.gossiper("stranger", "a", 0.0)
+    assert g is not None and g.on_gossip(b"p") is not None
+    assert t.gossiper("stranger", "b", 0.0) is not None
+    assert t.gossiper("honest", "a", 50.0) is not None
+    t.expire(89.9)
+    assert t.charged("stranger") == {"a", "b"}
+    t.expire(90.0)
+    assert t.charged("stranger") == set()
+    assert t.channels() == {"a"}  # still carried by the honest connection
+    assert t.remembered() == 1
+    assert t.gossiper("stranger", "c", 90.0) is not None  # its budget is whole again
+    t.expire(140.0)
+    assert t.channels() == {"c"} and t.remembered() == 0
+
+
+def test_table_refreshing_a_charge_keeps_it() -> None:
+    t = SurrogateTable(INTERVAL, per_connection=1, quiet=90.0)
+    for now in range(0, 1000, 30):
+        assert t.gossiper("honest", "app", float(now)) is not None
+    assert t.charged("honest") == {"app"}
+
+
+def test_table_forget_releases_a_closed_connection() -> None:
+    t = SurrogateTable(INTERVAL, per_connection=4)
+    for name in ("a", "b"):
+        t.gossiper("gone", name, 0.0)
+    t.gossiper("stays", "b", 0.0)
+    t.forget("gone")
+    t.forget("never seen")
+    assert t.channels() == {"b"} and t.charges() == 1
+
+
+def test_table_refuses_names_too_long_to_keep() -> None:
+    t = SurrogateTable(INTERVAL)
+    assert t.gossiper("c", "n" * (MAX_CHANNEL_NAME + 1), 0.0) is None
+    assert t.gossiper("c", "n" * MAX_CHANNEL_NAME, 0.0) is not None
+    assert t.charges() == 1
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 4), st.text(max_size=4), st.binary(max_size=4), st.floats(0, 100)),
+        max_size=300,
+    )
+)
+def test_table_never_exceeds_its_bound(events: list[tuple[int, str, bytes, float]]) -> None:
+    per_conn = 4
+    t = SurrogateTable(INTERVAL, per_connection=per_conn, quiet=3 * INTERVAL)
+    now = 0.0
+    for conn, name, payload, dt in events:
+        now += dt
+        g = t.gossiper(conn, name, now)
+        if g is not None:
+            g.on_gossip(payload)
+        assert all(len(t.charged(c)) <= per_conn for c in range(5))
+        assert len(t) <= 5 * per_conn
+        assert t.remembered() <= len(t) * surrogate._MAX_REMEMBERED
+        # Nothing held that no connection has used within the quiet time.
+        assert all(now - last < t.quiet for last in t._charges.values())
