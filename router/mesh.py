@@ -70,6 +70,9 @@ GOSSIP_COALESCE = 0.02
 GOSSIP_SPACING_PER_PEER = 0.04
 GOSSIP_MAX_SPACING = 1.0
 SEND_QUEUE_LENGTH = 1024
+# Bytes queued for one peer: a slow peer and large relayed broadcasts (up to the 10 MiB
+# frame limit each) would otherwise make the queue's length bound worth gigabytes.
+SEND_QUEUE_BYTES = 16 << 20
 ACCEPT_BURST = 20
 ACCEPT_REFILL = 0.05
 # Distinct (task, exception type) pairs whose first occurrence is logged with a traceback.
@@ -149,6 +152,13 @@ class TokenBucket:
         return False
 
 
+def _tag_name(tag: int) -> str:
+    try:
+        return Tag(tag).name
+    except ValueError:
+        return str(tag)
+
+
 class ConnectionRefused(Exception):
     """A connection the mesh declines after a good handshake (limit, duplicate)."""
 
@@ -172,6 +182,7 @@ class Connection:
         # None), and neighbour gossip per channel, merged until it is sent (as mesh's
         # GossipSender does), so a burst of topology changes costs one message per peer.
         self._queue: deque[tuple[bytes, str | None]] = deque()
+        self._queued_bytes = 0
         self._pending: dict[str, GossipData] = {}
         self._pending_since = 0.0
         self._last_gossip = -math.inf
@@ -195,10 +206,13 @@ class Connection:
         `channel` names the gossip channel of a gossip message, for the byte counters."""
         if self._closing.is_set():
             return False
-        if len(self._queue) >= SEND_QUEUE_LENGTH:
-            log.warning("send queue to %s full; dropping a %s message", self.describe(), Tag(tag).name)
+        message = encode_message(tag, body)
+        if len(self._queue) >= SEND_QUEUE_LENGTH or self._queued_bytes + len(message) > SEND_QUEUE_BYTES:
+            ratelog.reject(log, "mesh", "send_queue_full", "send queue to %s full; dropping a %s message",
+                           self.describe(), _tag_name(tag))
             return False
-        self._queue.append((encode_message(tag, body), channel))
+        self._queue.append((message, channel))
+        self._queued_bytes += len(message)
         self._wake.set()
         return True
 
@@ -653,7 +667,9 @@ class Mesh:
         try:
             while True:
                 if conn._queue:
-                    await write(*conn._queue.popleft())
+                    message, channel = conn._queue.popleft()
+                    conn._queued_bytes -= len(message)
+                    await write(message, channel)
                     continue
                 if conn._pending:
                     spacing = min(GOSSIP_MAX_SPACING, GOSSIP_SPACING_PER_PEER * len(self.peers))
