@@ -469,7 +469,7 @@ class Mesh:
         with its traceback the first time for each (place, type), counted always."""
         kind = type(exc).__name__
         key = (where, kind)
-        ratelog.REJECTS.counts[("mesh", "unexpected_error")] += 1
+        ratelog.REJECTS.count("mesh", "unexpected_error")
         if key in self._unexpected_seen or len(self._unexpected_seen) >= MAX_UNEXPECTED_KINDS:
             log.debug("unexpected %s in %s: %s", kind, where, exc)
             return
@@ -850,10 +850,16 @@ class Mesh:
     def _send_full_state(self, conn: Connection) -> None:
         conn.send(Tag.GOSSIP, self._gossip_body(TOPOLOGY_CHANNEL, self.peers.encode_full()), TOPOLOGY_CHANNEL)
         for channel, gossiper in self.channels.items():
-            data = gossiper.gossip()
-            if data is not None:
-                for payload in data.encode():
-                    conn.send(Tag.GOSSIP, self._gossip_body(channel, payload), channel)
+            # As in _periodic_gossip: a channel whose state cannot be gossiped must not
+            # cost every new connection its life.
+            try:
+                data = gossiper.gossip()
+                payloads = data.encode() if data is not None else []
+            except Exception as exc:
+                self._unexpected(f"full state on channel {channel!r}", exc)
+                continue
+            for payload in payloads:
+                conn.send(Tag.GOSSIP, self._gossip_body(channel, payload), channel)
 
     async def _periodic_gossip(self) -> None:
         while True:

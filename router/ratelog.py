@@ -40,6 +40,11 @@ class RateLimitedLog:
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._lock = threading.Lock()
 
+    def count(self, component: str, reason: str) -> None:
+        """Count a rejection that is logged some other way (or not at all)."""
+        with self._lock:
+            self.counts[(component, reason)] += 1
+
     def snapshot(self) -> dict[tuple[str, str], int]:
         """The counts so far (a copy: another thread may be adding to them)."""
         with self._lock:
