@@ -28,6 +28,11 @@ Wire sequence (see weave-net.md §2.2-2.3):
    lasts the whole connection (in clear; only the five v1 keys plus ``PublicKey`` in
    hex), later messages are gob ``[]byte`` values (``GobFrameCodec``).
 
+Until the handshake completes the peer has proved nothing, so its frames (the v2
+features frame, each v1 gob message) are refused above ``MAX_HANDSHAKE_FRAME_SIZE``
+as soon as the length prefix is in, and the v1 stream's type definitions count
+against the bounds of ``v1_stream_decoder`` for the whole connection.
+
 Results once ``complete``: ``remote`` (``RemoteFeatures``: name, nickname, uid,
 conn_id, short_id, trusted, overlays, raw map), ``version``, ``codec`` (``FrameCodec``
 or ``GobFrameCodec``, holding any bytes that followed the features), ``conn_uid``

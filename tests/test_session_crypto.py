@@ -291,7 +291,7 @@ def test_v1_definitions_are_parsed_once_not_per_message(monkeypatch: pytest.Monk
     assert parsed == V1_MAX_TYPES
 
 
-@settings(max_examples=300, deadline=1000)
+@settings(max_examples=300, deadline=2000)
 @given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=10), st.booleans(), st.booleans())
 def test_v1_arbitrary_streams_raise_only_wire_errors(
     data: bytes, cuts: list[int], encrypted: bool, with_definition: bool
@@ -306,7 +306,7 @@ def test_v1_arbitrary_streams_raise_only_wire_errors(
         pass
 
 
-@settings(max_examples=300, deadline=1000)
+@settings(max_examples=300, deadline=2000)
 @given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=10), st.booleans())
 def test_v2_arbitrary_streams_raise_only_wire_errors(data: bytes, cuts: list[int], encrypted: bool) -> None:
     codec = FrameCodec(KEY if encrypted else None)
