@@ -27,7 +27,7 @@ __all__ = [
     "Builtin", "SliceType", "ArrayType", "MapType", "StructType", "Field", "GobType", "GobStruct",
     "STRING_MAP", "Encoder", "Decoder", "encode", "encode_stream", "decode_all",
     "encode_uint", "decode_uint", "encode_int", "decode_int", "GobError", "GobLimitError", "WireDef",
-    "MAX_TYPES", "MAX_DEFINITION_BYTES",
+    "MAX_TYPES", "MAX_DEFINITION_BYTES", "MAX_ITEMS",
 ]
 
 _MAX_UINT = (1 << 64) - 1
@@ -44,6 +44,12 @@ _MAX_DEPTH = 64
 # becomes a tuple), so 64 KiB of definitions pins under 2 MB.
 MAX_TYPES = 1024
 MAX_DEFINITION_BYTES = 64 * 1024
+# Objects one decoded value may make: an element of a slice, array or map counts one,
+# a struct one plus one per field it ends up with (absent fields are filled with
+# zeros). A struct costs one byte on the wire but hundreds in memory, so without this
+# a 10 MiB message of empty structs became gigabytes. Real values (a whole cluster's
+# DNS entries or IPAM ring) stay well under it.
+MAX_ITEMS = 1 << 20
 
 
 # ---------------------------------------------------------------- schemas
@@ -588,6 +594,7 @@ class Decoder:
         *,
         max_types: int = MAX_TYPES,
         max_definition_bytes: int = MAX_DEFINITION_BYTES,
+        max_items: int = MAX_ITEMS,
     ) -> None:
         self._buf = bytes(data)
         self._pos = 0
@@ -596,6 +603,8 @@ class Decoder:
         self._max_definition_bytes = max_definition_bytes
         self._defined = 0
         self._definition_bytes = 0
+        self._max_items = max_items
+        self._items = 0
         # The end of the message being decoded; reads never go past it.
         self._end = 0
         self._mark = 0
@@ -715,6 +724,7 @@ class Decoder:
         self._defined += 1
         self._definition_bytes += size
         self._depth = 0
+        self._items = 0
         wire = self._plan(16, _WIRE_TYPE)()
         if self._pos != self._end:
             raise GobError(f"extra data after gob type definition {type_id}")
@@ -782,6 +792,7 @@ class Decoder:
 
     def _top_value(self, type_id: int, expect: GobType | None) -> Any:
         self._depth = 0
+        self._items = 0
         if type_id in _BUILTINS or self._lookup(type_id).kind != "struct":
             if self._uint() != 0:
                 raise GobError("non-zero delta for singleton: top-level value lacks its 00 marker")
@@ -822,6 +833,12 @@ class Decoder:
         if self._depth > _MAX_DEPTH:
             raise GobError("gob value nested too deeply")
 
+    def _spend(self, items: int) -> None:
+        # Charged before the objects are made, so a refused value allocates nothing more.
+        self._items += items
+        if self._items > self._max_items:
+            raise GobLimitError(f"gob value with more than {self._max_items} items")
+
     def _compile_container(self, wire: WireDef, expect: Any) -> Callable[[], Any]:
         kind = wire.kind
         elem_t = expect.elem if expect is not None else None
@@ -839,6 +856,7 @@ class Decoder:
             def read_map() -> dict[Any, Any]:
                 self._enter()
                 n = self._count("map", 2)
+                self._spend(n)
                 if not key:
                     key.append(self._plan(wire.key, key_t))
                 read_key, read_elem = key[0], elem_plan()
@@ -861,6 +879,7 @@ class Decoder:
         def read_list() -> list[Any]:
             self._enter()
             n = self._count(kind)
+            self._spend(n)
             if kind == "array" and n != length:
                 raise GobError(f"gob array length mismatch: type says {length}, value has {n}")
             read = elem_plan()
@@ -892,9 +911,12 @@ class Decoder:
             return fn
 
         read_uint = self._uint
+        spend = self._spend
+        cost = 1 + len(zeros)
 
         def read_struct() -> GobStruct:
             self._enter()
+            spend(cost)
             values: dict[str, Any] = {}
             num = -1
             while True:

@@ -16,6 +16,7 @@ from router.gob import (
     FLOAT,
     INT,
     MAX_DEFINITION_BYTES,
+    MAX_ITEMS,
     MAX_TYPES,
     STRING,
     STRING_MAP,
@@ -507,3 +508,27 @@ def _struct_definition(type_id: int, field_id: int) -> bytes:
     field_body = b"\x01\x01N\x01" + encode_int(field_id) + b"\x00"
     body = encode_int(-type_id) + b"\x03\x01\x02" + encode_int(type_id) + b"\x00\x01\x01" + field_body + b"\x00\x00"
     return encode_uint(len(body)) + body
+
+
+def _slice_value(type_id: int, count: int, element: bytes) -> bytes:
+    body = encode_int(type_id) + b"\x00" + encode_uint(count) + element * count
+    return encode_uint(len(body)) + body
+
+
+def test_values_that_would_make_millions_of_objects_are_refused() -> None:
+    # An empty struct is one byte on the wire and a dict of zero values in memory:
+    # 1 MB of them used to decode into ~250 MB.
+    enc = Encoder()
+    definitions = enc.definitions(CONN_LIST)
+    list_id = next(i for i, d in Decoder(definitions).read_definitions().items() if d.kind == "slice")
+    flood = definitions + _slice_value(list_id, 300_000, b"\x00")
+    with pytest.raises(GobLimitError, match="items"):
+        Decoder(flood).decode(CONN_LIST)
+    # Without a local schema the wire's fields are what gets filled in.
+    wide = wide_struct_definition(FIRST_ID, 3000) + slice_definition(FIRST_ID + 1, FIRST_ID)
+    with pytest.raises(GobLimitError, match="items"):
+        decode_all(wide + _slice_value(FIRST_ID + 1, 1000, b"\x00"))
+    # Big plain values are fine, and the budget is per value, not per stream.
+    ints = _slice_value(FIRST_ID, MAX_ITEMS // 2, b"\x02")
+    dec = Decoder(slice_definition(FIRST_ID, 2) + ints + ints + ints)
+    assert [len(dec.decode()) for _ in range(3)] == [MAX_ITEMS // 2] * 3
