@@ -19,3 +19,7 @@ class ProtocolError(WireError):
 
 class HandshakeError(ProtocolError):
     """The connection handshake failed; the message says why."""
+
+
+class GobLimitError(GobError):
+    """A gob stream went past a bound on what its decoder keeps (type definitions)."""

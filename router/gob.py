@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from struct import error as struct_error
 from typing import Any
 
-from router.errors import GobError
+from router.errors import GobError, GobLimitError
 
 __all__ = [
     "BOOL", "INT", "UINT", "FLOAT", "BYTES", "STRING", "COMPLEX",
     "Builtin", "SliceType", "ArrayType", "MapType", "StructType", "Field", "GobType", "GobStruct",
     "STRING_MAP", "Encoder", "Decoder", "encode", "encode_stream", "decode_all",
-    "encode_uint", "decode_uint", "encode_int", "decode_int", "GobError", "WireDef",
+    "encode_uint", "decode_uint", "encode_int", "decode_int", "GobError", "GobLimitError", "WireDef",
+    "MAX_TYPES", "MAX_DEFINITION_BYTES", "MAX_ITEMS",
 ]
 
 _MAX_UINT = (1 << 64) - 1
@@ -36,6 +37,19 @@ _FIRST_USER_ID = 64
 # Nesting deeper than this is not something Weave sends; refusing it keeps a hostile
 # stream from exhausting the Python stack.
 _MAX_DEPTH = 64
+# What one stream's decoder keeps, at most. Weave's busiest streams (topology, IPAM and
+# DNS gossip) define under ten types in well under 1 KiB, so these bounds are only ever
+# reached by a hostile or broken peer. They also bound the memory a stream can pin: a
+# definition costs some 20 bytes of Python objects per wire byte (a 3-byte struct field
+# becomes a tuple), so 64 KiB of definitions pins under 2 MB.
+MAX_TYPES = 1024
+MAX_DEFINITION_BYTES = 64 * 1024
+# Objects one decoded value may make: an element of a slice, array or map counts one,
+# a struct one plus one per field it ends up with (absent fields are filled with
+# zeros). A struct costs one byte on the wire but hundreds in memory, so without this
+# a 10 MiB message of empty structs became gigabytes. Real values (a whole cluster's
+# DNS entries or IPAM ring) stay well under it.
+MAX_ITEMS = 1 << 20
 
 
 # ---------------------------------------------------------------- schemas
@@ -564,12 +578,33 @@ _KIND_NAMES = {"ArrayT": "array", "SliceT": "slice", "StructT": "struct", "MapT"
 
 
 class Decoder:
-    """Reads one gob stream value by value, keeping the stream's type definitions."""
+    """Reads one gob stream value by value, keeping the stream's type definitions.
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+    A stream that lasts a whole connection (protocol v1) is given to the decoder a
+    message at a time with `feed`, so each definition is parsed once, when it arrives,
+    and the work per value does not grow with the definitions before it. The number of
+    definitions and their total size are bounded per stream (`max_types`,
+    `max_definition_bytes`); passing a bound raises `GobLimitError` before the
+    definition is parsed.
+    """
+
+    def __init__(
+        self,
+        data: bytes | bytearray | memoryview = b"",
+        *,
+        max_types: int = MAX_TYPES,
+        max_definition_bytes: int = MAX_DEFINITION_BYTES,
+        max_items: int = MAX_ITEMS,
+    ) -> None:
         self._buf = bytes(data)
         self._pos = 0
         self._types: dict[int, WireDef] = dict(_PREDEFINED_TABLE)
+        self._max_types = max_types
+        self._max_definition_bytes = max_definition_bytes
+        self._defined = 0
+        self._definition_bytes = 0
+        self._max_items = max_items
+        self._items = 0
         # The end of the message being decoded; reads never go past it.
         self._end = 0
         self._mark = 0
@@ -588,6 +623,25 @@ class Decoder:
     @property
     def position(self) -> int:
         return self._pos
+
+    @property
+    def definition_count(self) -> int:
+        """User type definitions read from this stream so far."""
+        return self._defined
+
+    @property
+    def definition_bytes(self) -> int:
+        """Wire bytes of those definitions (whole messages, length prefixes included)."""
+        return self._definition_bytes
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append more of the stream. Input already read is dropped (marks from `skip`
+        no longer apply), so a long-lived stream holds only what is not yet read."""
+        if self._pos >= len(self._buf):
+            self._buf = bytes(data)
+        else:
+            self._buf = self._buf[self._pos :] + bytes(data)
+        self._pos = 0
 
     def decode(self, expect: GobType | None = None) -> Any:
         """The next value. Definitions in front of it are read and stored."""
@@ -641,14 +695,17 @@ class Decoder:
         self._pos = start
         return self._int()
 
-    def read_definitions(self) -> dict[int, WireDef]:
-        """Read the rest of the data as type definitions only (a value there is an error);
-        return every user type defined so far, by id."""
+    def consume_definitions(self) -> None:
+        """Read the rest of the input as type definitions only (a value there is an error)."""
         while not self.at_end:
             type_id = self._next_message()
             if type_id >= 0:
                 raise GobError(f"gob value of type {type_id} where only type definitions were expected")
             self._read_definition(-type_id)
+
+    def read_definitions(self) -> dict[int, WireDef]:
+        """`consume_definitions`, then every user type defined so far, by id."""
+        self.consume_definitions()
         return {i: d for i, d in self._types.items() if i >= _FIRST_USER_ID}
 
     def _read_definition(self, type_id: int) -> None:
@@ -656,7 +713,18 @@ class Decoder:
             raise GobError(f"gob definition for reserved type id {type_id}")
         if type_id in self._types:
             raise GobError(f"duplicate gob type definition for id {type_id}")
+        # Bounds are checked before parsing, so refusing costs nothing.
+        if self._defined >= self._max_types:
+            raise GobLimitError(f"more than {self._max_types} gob type definitions in one stream")
+        size = self._end - self._mark
+        if self._definition_bytes + size > self._max_definition_bytes:
+            raise GobLimitError(
+                f"gob type definitions in one stream exceed {self._max_definition_bytes} bytes"
+            )
+        self._defined += 1
+        self._definition_bytes += size
         self._depth = 0
+        self._items = 0
         wire = self._plan(16, _WIRE_TYPE)()
         if self._pos != self._end:
             raise GobError(f"extra data after gob type definition {type_id}")
@@ -724,6 +792,7 @@ class Decoder:
 
     def _top_value(self, type_id: int, expect: GobType | None) -> Any:
         self._depth = 0
+        self._items = 0
         if type_id in _BUILTINS or self._lookup(type_id).kind != "struct":
             if self._uint() != 0:
                 raise GobError("non-zero delta for singleton: top-level value lacks its 00 marker")
@@ -764,6 +833,12 @@ class Decoder:
         if self._depth > _MAX_DEPTH:
             raise GobError("gob value nested too deeply")
 
+    def _spend(self, items: int) -> None:
+        # Charged before the objects are made, so a refused value allocates nothing more.
+        self._items += items
+        if self._items > self._max_items:
+            raise GobLimitError(f"gob value with more than {self._max_items} items")
+
     def _compile_container(self, wire: WireDef, expect: Any) -> Callable[[], Any]:
         kind = wire.kind
         elem_t = expect.elem if expect is not None else None
@@ -781,6 +856,7 @@ class Decoder:
             def read_map() -> dict[Any, Any]:
                 self._enter()
                 n = self._count("map", 2)
+                self._spend(n)
                 if not key:
                     key.append(self._plan(wire.key, key_t))
                 read_key, read_elem = key[0], elem_plan()
@@ -803,6 +879,7 @@ class Decoder:
         def read_list() -> list[Any]:
             self._enter()
             n = self._count(kind)
+            self._spend(n)
             if kind == "array" and n != length:
                 raise GobError(f"gob array length mismatch: type says {length}, value has {n}")
             read = elem_plan()
@@ -834,9 +911,12 @@ class Decoder:
             return fn
 
         read_uint = self._uint
+        spend = self._spend
+        cost = 1 + len(zeros)
 
         def read_struct() -> GobStruct:
             self._enter()
+            spend(cost)
             values: dict[str, Any] = {}
             num = -1
             while True:

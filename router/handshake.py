@@ -28,6 +28,11 @@ Wire sequence (see weave-net.md §2.2-2.3):
    lasts the whole connection (in clear; only the five v1 keys plus ``PublicKey`` in
    hex), later messages are gob ``[]byte`` values (``GobFrameCodec``).
 
+Until the handshake completes the peer has proved nothing, so its frames (the v2
+features frame, each v1 gob message) are refused above ``MAX_HANDSHAKE_FRAME_SIZE``
+as soon as the length prefix is in, and the v1 stream's type definitions count
+against the bounds of ``v1_stream_decoder`` for the whole connection.
+
 Results once ``complete``: ``remote`` (``RemoteFeatures``: name, nickname, uid,
 conn_id, short_id, trusted, overlays, raw map), ``version``, ``codec`` (``FrameCodec``
 or ``GobFrameCodec``, holding any bytes that followed the features), ``conn_uid``
@@ -54,7 +59,7 @@ import nacl.public
 from router.errors import GobError, HandshakeError, ProtocolError
 from router.gob import STRING_MAP, Decoder, encode
 from router.peername import PEER_NAME_FLAVOUR, format_peer_name
-from router.protocol import LENGTH_PREFIX_SIZE, MAX_FRAME_SIZE
+from router.protocol import LENGTH_PREFIX_SIZE, MAX_HANDSHAKE_FRAME_SIZE
 from router.session_crypto import (
     KEY_SIZE,
     Codec,
@@ -65,6 +70,7 @@ from router.session_crypto import (
     derive_session_key,
     generate_private_key,
     is_definition,
+    v1_stream_decoder,
 )
 
 logger = logging.getLogger(__name__)
@@ -317,7 +323,7 @@ class Handshake:
         self._codec: FrameCodec | GobFrameCodec | None = None
         self._remote: RemoteFeatures | None = None
         self._v1_splitter: GobMessageSplitter | None = None
-        self._v1_definitions = b""
+        self._v1_decoder: Decoder | None = None
 
     # -- results
 
@@ -465,7 +471,8 @@ class Handshake:
             self._state = HandshakeState.AWAIT_FLAG
         else:
             out += self._v1_intro()
-            self._v1_splitter = GobMessageSplitter(MAX_FRAME_SIZE)
+            self._v1_splitter = GobMessageSplitter(MAX_HANDSHAKE_FRAME_SIZE)
+            self._v1_decoder = v1_stream_decoder()
             self._state = HandshakeState.AWAIT_FEATURES
         return True
 
@@ -507,10 +514,10 @@ class Handshake:
         if len(self._buf) < LENGTH_PREFIX_SIZE:
             return False
         length = int.from_bytes(self._buf[:LENGTH_PREFIX_SIZE], "big")
-        if length > MAX_FRAME_SIZE:
+        if length > MAX_HANDSHAKE_FRAME_SIZE:
             raise HandshakeFailure(
                 FailureReason.MALFORMED_FEATURES,
-                f"incoming message exceeds maximum size: {length} > {MAX_FRAME_SIZE}",
+                f"incoming features message exceeds maximum size: {length} > {MAX_HANDSHAKE_FRAME_SIZE}",
             )
         end = LENGTH_PREFIX_SIZE + length
         if len(self._buf) < end:
@@ -541,26 +548,28 @@ class Handshake:
         return encode_features(features)
 
     def _on_features_v1(self) -> bool:
-        assert self._v1_splitter is not None
-        try:
-            messages = self._v1_splitter.feed(bytes(self._buf))
-        except (GobError, ProtocolError) as exc:
-            raise HandshakeFailure(FailureReason.MALFORMED_FEATURES, f"bad features message: {exc}") from None
+        splitter, decoder = self._v1_splitter, self._v1_decoder
+        assert splitter is not None and decoder is not None
+        splitter.push(bytes(self._buf))
         self._buf.clear()
-        for index, message in enumerate(messages):
+        # One message at a time: what follows the features belongs to the codec and its
+        # post-handshake size limit, not to the handshake's.
+        while True:
             try:
+                message = splitter.pop()
+                if message is None:
+                    return False
+                decoder.feed(message)
                 if is_definition(message):
-                    self._v1_definitions += message
+                    decoder.consume_definitions()
                     continue
-                received = dict(Decoder(self._v1_definitions + message).decode(STRING_MAP))
-            except GobError as exc:
+                received = dict(decoder.decode(STRING_MAP))
+            except (GobError, ProtocolError) as exc:
                 raise HandshakeFailure(
                     FailureReason.MALFORMED_FEATURES, f"bad features message: {exc}"
                 ) from None
-            rest = b"".join(messages[index + 1 :]) + self._v1_splitter.take_rest()
-            self._finish_v1(received, rest)
+            self._finish_v1(received, splitter.take_rest())
             return False
-        return False
 
     def _finish_v1(self, received: dict[str, str], rest: bytes) -> None:
         remote_public = received.get("PublicKey")
@@ -577,7 +586,7 @@ class Handshake:
                     FailureReason.BAD_PUBLIC_KEY, f"PublicKey feature is not hexadecimal: {remote_public!r}"
                 ) from None
             self._session_key = self._derive(key_bytes)
-        self._codec = GobFrameCodec(self._session_key, self.outbound, definitions=self._v1_definitions)
+        self._codec = GobFrameCodec(self._session_key, self.outbound, decoder=self._v1_decoder)
         self._finish({k: v for k, v in received.items() if k in V1_FEATURES}, rest)
 
     # -- both

@@ -24,6 +24,11 @@ from router.gob import BYTES, STRING, UINT, Decoder, GobType, encode_stream
 
 MAX_FRAME_SIZE = 10 * 1024 * 1024
 LENGTH_PREFIX_SIZE = 4
+# Before the handshake completes, the peer has proved nothing. Weave's features
+# frames are 170-190 bytes in every capture (a v1 features message is smaller still);
+# 64 KiB leaves room for long nicknames and extra features while keeping what a
+# stranger can make us buffer 160 times smaller than MAX_FRAME_SIZE.
+MAX_HANDSHAKE_FRAME_SIZE = 64 * 1024
 
 
 class Tag(enum.IntEnum):

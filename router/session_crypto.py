@@ -39,6 +39,8 @@ SEAL_OVERHEAD = 16
 _TCP_BIT = 0x40
 _OUTBOUND_BIT = 0x80
 _SEQ_OFFSET = 16
+V1_MAX_TYPES = 16
+V1_MAX_DEFINITION_BYTES = 16 * 1024
 
 
 # ---------------------------------------------------------------- keys
@@ -240,36 +242,53 @@ def _peek_uint(buf: bytes | bytearray, pos: int) -> tuple[int, int] | None:
 
 
 class GobMessageSplitter:
-    """Cuts a gob stream into whole messages (each with its length prefix)."""
+    """Cuts a gob stream into whole messages (each with its length prefix).
+
+    A length beyond ``max_size`` is refused as soon as its prefix is in, before any of
+    the body is buffered.
+    """
 
     def __init__(self, max_size: int = MAX_FRAME_SIZE) -> None:
         self._buf = bytearray()
+        self._pos = 0  # start of the first message not yet handed out
         self._max = max_size
 
     def take_rest(self) -> bytes:
-        """The bytes not yet part of a whole message (and forget them)."""
-        rest = bytes(self._buf)
+        """The bytes not yet handed out as whole messages (and forget them)."""
+        rest = bytes(self._buf[self._pos :])
         self._buf.clear()
+        self._pos = 0
         return rest
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def push(self, data: bytes) -> None:
+        """Add stream bytes; `pop` hands out the messages they complete."""
+        if self._pos:
+            del self._buf[: self._pos]
+            self._pos = 0
         self._buf += data
+
+    def pop(self) -> bytes | None:
+        """The next whole message, or None until more bytes are pushed."""
+        head = _peek_uint(self._buf, self._pos)
+        if head is None:
+            return None
+        length, start = head
+        if length == 0:
+            raise GobError("empty gob message")
+        if length > self._max:
+            raise ProtocolError(f"incoming gob message exceeds maximum size: {length} > {self._max}")
+        if start + length > len(self._buf):
+            return None
+        message = bytes(self._buf[self._pos : start + length])
+        self._pos = start + length
+        return message
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """`push`, then every whole message there is."""
+        self.push(data)
         out: list[bytes] = []
-        pos = 0
-        while True:
-            head = _peek_uint(self._buf, pos)
-            if head is None:
-                break
-            length, start = head
-            if length == 0:
-                raise GobError("empty gob message")
-            if length > self._max:
-                raise ProtocolError(f"incoming gob message exceeds maximum size: {length} > {self._max}")
-            if start + length > len(self._buf):
-                break
-            out.append(bytes(self._buf[pos : start + length]))
-            pos = start + length
-        del self._buf[:pos]
+        while (message := self.pop()) is not None:
+            out.append(message)
         return out
 
 
@@ -282,11 +301,24 @@ def is_definition(message: bytes) -> bool:
     return type_id < 0
 
 
+def v1_stream_decoder() -> Decoder:
+    """The decoder for a v1 connection's incoming gob stream, bounded for it.
+
+    Weave defines exactly one type on a v1 stream (map[string]string, for the
+    features; []byte is built in), so a handful is plenty. The bound covers the whole
+    connection: gob definitions are never sealed, so with a password they arrive from
+    a peer that has not proved anything yet, and must not pile up.
+    """
+    return Decoder(max_types=V1_MAX_TYPES, max_definition_bytes=V1_MAX_DEFINITION_BYTES)
+
+
 class GobFrameCodec(_SessionCodec):
     """Protocol v1: every message is one gob ``[]byte`` value, sealed when encrypted.
 
-    ``definitions`` are the type-definition messages already seen on the incoming
-    stream (v1 streams last for the whole connection, so definitions stay valid).
+    The incoming stream lasts the whole connection; ``decoder`` is its decoder so far
+    (the handshake's, holding the definitions it read), or ``definitions`` are the
+    definition messages already seen on it. Each definition is parsed once, when it
+    arrives, within the bounds of `v1_stream_decoder`.
     """
 
     version = 1
@@ -297,11 +329,23 @@ class GobFrameCodec(_SessionCodec):
         outbound: bool = False,
         *,
         definitions: bytes = b"",
+        decoder: Decoder | None = None,
         max_message_size: int = MAX_FRAME_SIZE,
     ) -> None:
         super().__init__(session_key, outbound)
         self._splitter = GobMessageSplitter(max_message_size)
-        self._definitions = bytes(definitions)
+        self._decoder = decoder if decoder is not None else v1_stream_decoder()
+        if definitions:
+            self._decoder.feed(definitions)
+            self._decoder.consume_definitions()
+
+    @property
+    def definition_count(self) -> int:
+        return self._decoder.definition_count
+
+    @property
+    def definition_bytes(self) -> int:
+        return self._decoder.definition_bytes
 
     def encode_frame(self, payload: bytes) -> bytes:
         data = self._seal(payload)
@@ -310,16 +354,16 @@ class GobFrameCodec(_SessionCodec):
 
     def feed(self, data: bytes) -> list[bytes]:
         data = self._input(data)
+        decoder = self._decoder
         try:
             out: list[bytes] = []
             for message in self._splitter.feed(data):
+                decoder.feed(message)
                 if is_definition(message):
-                    # Checked by the Decoder together with the next value.
-                    self._definitions += message
+                    decoder.consume_definitions()
                     continue
-                dec = Decoder(self._definitions + message)
-                payload = dec.decode(BYTES)
-                if not dec.at_end:
+                payload = decoder.decode(BYTES)
+                if not decoder.at_end:
                     raise GobError("unexpected data after a v1 message")
                 out.append(self._opener.open(payload) if self._opener is not None else payload)
         except (ProtocolError, GobError) as exc:

@@ -25,6 +25,8 @@ from router.errors import GobError, ProtocolError, WireError
 from router.gob import (
     BOOL,
     BYTES,
+    MAX_DEFINITION_BYTES,
+    MAX_ITEMS,
     STRING,
     UINT,
     Builtin,
@@ -337,6 +339,8 @@ def _after_definitions(buf: bytes, pos: int) -> tuple[int, int, int, int]:
 
 
 def _layout(peer_defs: bytes, list_defs: bytes, peer_id: int, list_id: int) -> _Layout | None:
+    if len(peer_defs) + len(list_defs) > MAX_DEFINITION_BYTES:
+        return None  # the generic decoder refuses it; never keep such bytes as a cache key
     key = (peer_defs, list_defs, peer_id, list_id)
     if key in _LAYOUTS:
         return _LAYOUTS[key]
@@ -418,6 +422,8 @@ def _read_conns(buf: bytes, pos: int, end: int, fields: _Fields, owner: int) -> 
         count, pos = decode_uint(buf, pos, end)
         if count > end - pos:
             raise GobError(f"gob slice count {count} exceeds the {end - pos} bytes left")
+        if count * (1 + len(CONN_SUMMARY.fields)) > MAX_ITEMS:  # the generic decoder's budget
+            raise GobError(f"gob value with more than {MAX_ITEMS} items")
         out = []
         for _ in range(count):
             values: list[Any] = [b"", "", False, False]

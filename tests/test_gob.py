@@ -15,6 +15,9 @@ from router.gob import (
     COMPLEX,
     FLOAT,
     INT,
+    MAX_DEFINITION_BYTES,
+    MAX_ITEMS,
+    MAX_TYPES,
     STRING,
     STRING_MAP,
     UINT,
@@ -23,6 +26,7 @@ from router.gob import (
     Encoder,
     Field,
     GobError,
+    GobLimitError,
     GobStruct,
     MapType,
     SliceType,
@@ -36,6 +40,7 @@ from router.gob import (
     encode_uint,
 )
 from router.topology import CONN_LIST, CONN_SUMMARY, PEER_SUMMARY
+from tests.gobflood import FIRST_ID, definition_flood, slice_definition, wide_struct_definition
 from tests.golden import FEATURES_WV2, IPAM_PAYLOAD_WV2, NAMESERVER_FRAME, hx
 from weavedns.wire import DNS_GOSSIP
 
@@ -408,3 +413,122 @@ def test_skip_checks_the_message_length() -> None:
     stream = enc.encode([1, 2, 3], SliceType(INT))
     with pytest.raises(GobError, match="truncated"):
         Decoder(stream[:-1]).skip()
+
+
+# --------------------------------------------------------------- bounds on hostile streams
+# Issue 12, defect 6: type definitions from a peer were kept without limit.
+
+
+def test_real_streams_are_far_inside_the_bounds() -> None:
+    # The busiest real stream (IPAM gossip) defines 12 types in 524 bytes.
+    for stream in GOLDEN:
+        dec = Decoder(stream)
+        while not dec.at_end:
+            dec.decode()
+        assert dec.definition_count * 50 <= MAX_TYPES
+        assert dec.definition_bytes * 100 <= MAX_DEFINITION_BYTES
+
+
+def test_a_flood_of_type_definitions_stops_at_the_count_bound() -> None:
+    dec = Decoder(definition_flood(20_000))
+    with pytest.raises(GobLimitError, match="type definitions"):
+        dec.read_definitions()
+    # Nothing past the bound was parsed or kept.
+    assert dec.definition_count == MAX_TYPES
+    assert dec.position <= len(definition_flood(MAX_TYPES + 1))
+
+
+def test_type_definition_bytes_are_bounded() -> None:
+    wide = wide_struct_definition(FIRST_ID, 2000)
+    assert MAX_DEFINITION_BYTES // 50 < len(wide) < MAX_DEFINITION_BYTES
+    dec = Decoder(b"".join(wide_struct_definition(FIRST_ID + i, 2000) for i in range(200)))
+    with pytest.raises(GobLimitError, match="bytes"):
+        dec.read_definitions()
+    assert dec.definition_bytes <= MAX_DEFINITION_BYTES
+    assert dec.definition_count < MAX_TYPES
+
+
+def test_limits_are_per_decoder_and_can_be_tightened() -> None:
+    with pytest.raises(GobLimitError):
+        Decoder(definition_flood(3), max_types=2).read_definitions()
+    with pytest.raises(GobLimitError):
+        Decoder(definition_flood(3), max_definition_bytes=20).read_definitions()
+    assert len(Decoder(definition_flood(2), max_types=2).read_definitions()) == 2
+
+
+def test_a_fed_decoder_reads_each_definition_once() -> None:
+    # A long-lived stream (protocol v1) fed message by message keeps its definitions,
+    # and the work per value does not grow with the number of definitions before it.
+    dec = Decoder()
+    definition = slice_definition(FIRST_ID)
+    dec.feed(definition)
+    dec.read_definitions()
+    body = encode_int(FIRST_ID) + b"\x00\x01\x01a"  # []string{"a"}, a singleton value
+    value = encode_uint(len(body)) + body
+    for _ in range(100):
+        dec.feed(value)
+        assert dec.decode() == ["a"]
+    assert dec.definition_count == 1 and dec.at_end
+
+
+@settings(max_examples=500, deadline=2000)
+@given(st.binary(max_size=3000))
+def test_arbitrary_bytes_raise_only_gob_errors(data: bytes) -> None:
+    for read in (decode_all, lambda d: Decoder(d).read_definitions()):
+        try:
+            read(data)
+        except GobError:
+            pass
+
+
+@settings(max_examples=300, deadline=2000)
+@given(st.lists(st.integers(FIRST_ID, FIRST_ID + 40), max_size=30), st.lists(st.integers(0, 50)), st.binary())
+def test_arbitrary_values_after_arbitrary_definitions(ids: list[int], elems: list[int], tail: bytes) -> None:
+    # Definitions that refer to each other (and themselves) in any way, then junk.
+    stream = b"".join(slice_definition(i, elems[n % len(elems)] if elems else i) for n, i in enumerate(ids))
+    try:
+        decode_all(stream + tail)
+    except GobError:
+        pass
+
+
+def test_deeply_nested_struct_chain_is_refused_not_a_recursion_error() -> None:
+    # Struct type i has one field of type i+1, 500 deep; a value nests all the way down.
+    depth = 500
+    defs = b"".join(_struct_definition(FIRST_ID + i, FIRST_ID + i + 1) for i in range(depth))
+    shallow = encode_int(FIRST_ID + depth - 2) + b"\x01\x00\x00"
+    assert decode_all(defs + encode_uint(len(shallow)) + shallow) == [{"N": {"N": None}}]
+    value = encode_int(FIRST_ID) + b"\x01" * depth + b"\x00" * (depth + 1)
+    with pytest.raises(GobError, match="too deeply"):
+        decode_all(defs + encode_uint(len(value)) + value)
+
+
+def _struct_definition(type_id: int, field_id: int) -> bytes:
+    """wireType{StructT: structType{CommonType{Id}, Field: [{Name: "N", Id: field_id}]}}"""
+    field_body = b"\x01\x01N\x01" + encode_int(field_id) + b"\x00"
+    body = encode_int(-type_id) + b"\x03\x01\x02" + encode_int(type_id) + b"\x00\x01\x01" + field_body + b"\x00\x00"
+    return encode_uint(len(body)) + body
+
+
+def _slice_value(type_id: int, count: int, element: bytes) -> bytes:
+    body = encode_int(type_id) + b"\x00" + encode_uint(count) + element * count
+    return encode_uint(len(body)) + body
+
+
+def test_values_that_would_make_millions_of_objects_are_refused() -> None:
+    # An empty struct is one byte on the wire and a dict of zero values in memory:
+    # 1 MB of them used to decode into ~250 MB.
+    enc = Encoder()
+    definitions = enc.definitions(CONN_LIST)
+    list_id = next(i for i, d in Decoder(definitions).read_definitions().items() if d.kind == "slice")
+    flood = definitions + _slice_value(list_id, 300_000, b"\x00")
+    with pytest.raises(GobLimitError, match="items"):
+        Decoder(flood).decode(CONN_LIST)
+    # Without a local schema the wire's fields are what gets filled in.
+    wide = wide_struct_definition(FIRST_ID, 3000) + slice_definition(FIRST_ID + 1, FIRST_ID)
+    with pytest.raises(GobLimitError, match="items"):
+        decode_all(wide + _slice_value(FIRST_ID + 1, 1000, b"\x00"))
+    # Big plain values are fine, and the budget is per value, not per stream.
+    ints = _slice_value(FIRST_ID, MAX_ITEMS // 2, b"\x02")
+    dec = Decoder(slice_definition(FIRST_ID, 2) + ints + ints + ints)
+    assert [len(dec.decode()) for _ in range(3)] == [MAX_ITEMS // 2] * 3

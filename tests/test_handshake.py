@@ -6,8 +6,11 @@ from dataclasses import dataclass, field
 
 import nacl.public
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from router.gob import STRING, STRING_MAP, encode
+from router.errors import GobLimitError, WireError
+from router.gob import STRING, STRING_MAP, encode, encode_uint
 from router.handshake import (
     ERR_EXPECTED_CRYPTO,
     ERR_EXPECTED_NO_CRYPTO,
@@ -21,8 +24,9 @@ from router.handshake import (
     make_features,
     parse_features,
 )
-from router.protocol import FrameReader, frame
-from router.session_crypto import FrameCodec, GobFrameCodec, derive_session_key
+from router.protocol import MAX_HANDSHAKE_FRAME_SIZE, FrameReader, frame
+from router.session_crypto import V1_MAX_TYPES, FrameCodec, GobFrameCodec, derive_session_key
+from tests.gobflood import FIRST_ID, definition_flood
 
 A = PeerIdentity(0x02AA00000001, "host-a", 1111, 17)
 B = PeerIdentity(0x02AA00000002, "host-b", 2222, 4095)
@@ -414,3 +418,89 @@ def test_a_failing_end_still_hands_over_what_it_owes_the_peer() -> None:
     with pytest.raises(HandshakeFailure) as other:
         b.receive_data(info.value.unsent)
     assert other.value.reason is info.value.reason is FailureReason.DECRYPTION_FAILED
+
+
+# ------------------------------------------------- issue 12, defect 6: pre-handshake bounds
+# Weave's features frames are 170-190 bytes in every capture; the post-handshake limit
+# (10 MiB) let a stranger make us buffer 10 MiB before it had proved anything.
+
+PEER_KEY = nacl.public.PrivateKey(bytes(range(1, 33)))
+
+
+@pytest.mark.parametrize("password", [None, b"pw"])
+def test_an_oversized_v2_features_prefix_fails_before_the_body(password: bytes | None) -> None:
+    flag = b"\x00" if password is None else b"\x01" + bytes(PEER_KEY.public_key)
+    prefix = (MAX_HANDSHAKE_FRAME_SIZE + 1).to_bytes(4, "big")
+    hs = Handshake(False, A, 1, password)
+    hs.initiate()
+    hs.receive_data(b"weave\x01\x02" + flag)
+    with pytest.raises(HandshakeFailure, match="exceeds") as info:
+        hs.receive_data(prefix)  # just the 4-byte prefix: no body was needed to refuse it
+    assert info.value.reason is FailureReason.MALFORMED_FEATURES
+    # A frame of the limit's size is still waited for.
+    ok = Handshake(False, A, 1, password)
+    ok.initiate()
+    ok.receive_data(b"weave\x01\x02" + flag + MAX_HANDSHAKE_FRAME_SIZE.to_bytes(4, "big"))
+    assert ok.state is HandshakeState.AWAIT_FEATURES
+
+
+def test_an_oversized_v1_gob_message_fails_before_the_body() -> None:
+    hs = Handshake(False, A, 1)
+    hs.initiate()
+    with pytest.raises(HandshakeFailure, match="exceeds") as info:
+        hs.receive_data(b"weave\x01\x01" + encode_uint(MAX_HANDSHAKE_FRAME_SIZE + 1))
+    assert info.value.reason is FailureReason.MALFORMED_FEATURES
+
+
+@pytest.mark.parametrize("password", [None, b"pw"])
+def test_v1_definitions_before_the_features_are_bounded(password: bytes | None) -> None:
+    hs = Handshake(False, A, 1, password)
+    hs.initiate()
+    with pytest.raises(HandshakeFailure, match="type definitions") as info:
+        hs.receive_data(b"weave\x01\x01" + definition_flood(5000))
+    assert info.value.reason is FailureReason.MALFORMED_FEATURES
+
+
+def test_v1_definition_budget_spans_the_handshake_and_the_connection() -> None:
+    # With a password the features are in clear and later definitions are never sealed,
+    # so a peer with the wrong password could otherwise pile them up for good.
+    features = make_features(B, 3)
+    features["PublicKey"] = bytes(PEER_KEY.public_key).hex()
+    hs = Handshake(False, A, 4, b"pw")
+    hs.initiate()
+    hs.receive_data(v1_peer_intro(features))  # one definition: map[string]string
+    assert hs.complete and hs.codec.encrypted
+    hs.codec.feed(definition_flood(V1_MAX_TYPES - 2, first=FIRST_ID + 20))
+    with pytest.raises(GobLimitError):
+        hs.codec.feed(definition_flood(2, first=FIRST_ID + 40))
+
+
+@settings(max_examples=300, deadline=2000)
+@given(st.sampled_from([b"weave\x01\x01", b"weave\x01\x02\x00", b"weave\x01\x02\x01"]), st.binary(max_size=2000))
+def test_arbitrary_bytes_after_the_header_fail_cleanly(header: bytes, data: bytes) -> None:
+    password = b"pw" if header.endswith(b"\x01\x02\x01") else None
+    if password is not None:
+        header += bytes(PEER_KEY.public_key)
+    hs = Handshake(False, A, 1, password)
+    hs.initiate()
+    try:
+        hs.receive_data(header + data)
+        if hs.complete:
+            hs.codec.feed(b"")
+    except WireError:
+        pass
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_big_messages_right_after_the_features_keep_the_connection_limit(version: int) -> None:
+    # The handshake's cap is for the handshake only: gossip sent in the same read as the
+    # features (Weave does that) may be as large as any later message.
+    big = b"\x04" + bytes(200_000)
+    features = make_features(B, 3)
+    if version == 1:
+        data = v1_peer_intro(features) + GobFrameCodec().encode_frame(big)
+    else:
+        data = v2_peer(features) + FrameCodec().encode_frame(big)
+    hs = receive(data)
+    assert hs.complete and hs.version == version
+    assert hs.codec.feed(b"") == [big]

@@ -10,11 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.errors import GobError, ProtocolError, WireError
-from router.gob import BYTES, STRING_MAP, encode
+from router.errors import GobError, GobLimitError, ProtocolError, WireError
+from router.gob import BYTES, STRING_MAP, Decoder, encode
 from router.protocol import MAX_FRAME_SIZE
 from router.session_crypto import (
     SEAL_OVERHEAD,
+    V1_MAX_DEFINITION_BYTES,
+    V1_MAX_TYPES,
     FrameCodec,
     GobFrameCodec,
     GobMessageSplitter,
@@ -24,6 +26,7 @@ from router.session_crypto import (
     tcp_nonce,
     udp_nonce,
 )
+from tests.gobflood import FIRST_ID, definition_flood, slice_definition, wide_struct_definition
 
 KEY = bytes(range(32))
 
@@ -240,3 +243,75 @@ def test_v1_bad_streams() -> None:
     assert codec.feed(b"\xfe\x01") == []  # an incomplete length prefix just waits
     with pytest.raises(GobError, match="out of range"):
         GobFrameCodec().feed(b"\xf0")
+
+
+# Issue 12, defect 6: a v1 peer's type definitions were kept without limit (and, with a
+# password, before anything was decrypted: gob definitions are outside the secretbox).
+
+
+@pytest.mark.parametrize("key", [None, KEY])
+def test_v1_definition_flood_is_cut_off_within_the_first_read(key: bytes | None) -> None:
+    codec = GobFrameCodec(key)
+    flood = definition_flood(20_000)
+    reads = 0
+    with pytest.raises(GobLimitError, match="type definitions"):
+        for start in range(0, len(flood), 65536):
+            reads += 1
+            codec.feed(flood[start : start + 65536])
+    assert reads == 1
+    assert codec.definition_count == V1_MAX_TYPES
+    with pytest.raises(GobLimitError):  # the stream stays refused
+        codec.feed(b"")
+
+
+def test_v1_definition_bytes_are_bounded_before_decryption() -> None:
+    codec = GobFrameCodec(KEY)
+    wide = wide_struct_definition(FIRST_ID, 300)
+    assert len(wide) < V1_MAX_DEFINITION_BYTES < 3 * len(wide) * V1_MAX_TYPES
+    with pytest.raises(GobLimitError, match="bytes"):
+        for i in range(3 * V1_MAX_TYPES):
+            codec.feed(wide_struct_definition(FIRST_ID + i, 300))
+    assert codec.definition_bytes <= V1_MAX_DEFINITION_BYTES
+
+
+def test_v1_definitions_are_parsed_once_not_per_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = 0
+    original = Decoder._read_definition
+
+    def counting(self: Decoder, type_id: int) -> None:
+        nonlocal parsed
+        parsed += 1
+        original(self, type_id)
+
+    monkeypatch.setattr(Decoder, "_read_definition", counting)
+    sender, receiver = GobFrameCodec(KEY, outbound=True), GobFrameCodec(KEY, outbound=False)
+    wire = definition_flood(V1_MAX_TYPES) + b"".join(sender.encode_frame(b"%d" % i) for i in range(300))
+    frames = [f for start in range(0, len(wire), 100) for f in receiver.feed(wire[start : start + 100])]
+    assert frames == [b"%d" % i for i in range(300)]
+    assert parsed == V1_MAX_TYPES
+
+
+@settings(max_examples=300, deadline=2000)
+@given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=10), st.booleans(), st.booleans())
+def test_v1_arbitrary_streams_raise_only_wire_errors(
+    data: bytes, cuts: list[int], encrypted: bool, with_definition: bool
+) -> None:
+    codec = GobFrameCodec(KEY if encrypted else None)
+    if with_definition:
+        data = slice_definition(FIRST_ID) + data
+    try:
+        for piece in chunks(data, cuts):
+            codec.feed(piece)
+    except WireError:
+        pass
+
+
+@settings(max_examples=300, deadline=2000)
+@given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=10), st.booleans())
+def test_v2_arbitrary_streams_raise_only_wire_errors(data: bytes, cuts: list[int], encrypted: bool) -> None:
+    codec = FrameCodec(KEY if encrypted else None)
+    try:
+        for piece in chunks(data, cuts):
+            codec.feed(piece)
+    except WireError:
+        pass
