@@ -608,6 +608,8 @@ class FastdpService:
         link = rec.health
         if rec.final_reason is not None:
             reason = rec.final_reason
+        elif rec.rx_key is None:
+            reason = "no key share from the peer yet (heartbeats need the keys)"
         elif link.state is LinkState.PENDING:
             reason = f"not yet confirmed ({link.reason})"
         else:

@@ -13,7 +13,9 @@ frames can stop):
   frames from made-up MACs (before the fix the bridge learned them).
 
 The link must stay on fastdp, host2's /metrics must count the rejected frames, and none
-of the made-up MACs may appear in host2's forwarding database.
+of the made-up MACs may appear in host2's forwarding database. Then the link loses its
+heartbeats for real (UDP 6784 blocked), and forgeries sent as they resume must not keep
+it from coming back.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ pytestmark = router_test_marks()
 
 CONVERGE = 20.0
 WATCH = 6.0  # seconds the link must stay on fastdp after the attack
+RETURN_BUDGET = 10.0  # seconds to return to fastdp after a repair (as tests/test_fastdp_integration.py)
 VNI = DEFAULT_VNI
 ETHERTYPE = 0x88B5
 
@@ -200,3 +203,16 @@ def test_forged_heartbeats_and_junk_vxlan_do_not_move_a_fastdp_link(bed: Callabl
     new_macs = learned_macs(h2) - macs_before
     junk = {":".join(f"{b:02x}" for b in mac) for mac in junk_macs}
     assert not new_macs & junk, sorted(new_macs & junk)
+
+    # A link that lost its heartbeats comes back once they flow again, even if forgeries
+    # land just as they resume (before the fix, seq 2^63 then kept it on the sleeve for good).
+    tb.block(h1, h2, "udp", 6784)
+    wait_for(lambda: not on_fastdp(h1, h2), "host1 <-> host2 off fastdp while UDP 6784 is blocked", 10,
+             [h1, h2])
+    tb.unblock(h1, h2, "udp", 6784)
+    healed = time.monotonic()
+    forged = [[h1.address, forged_heartbeat(v, name2, name1, conn_uid, 1 << 63, size).hex()]
+              for v in (1, 2) for size in (1390, 100)]
+    attacker.run([sys.executable, "-c", ATTACK, h2.address], input=json.dumps(forged))
+    wait_for(lambda: on_fastdp(h1, h2), "host1 <-> host2 back on fastdp", RETURN_BUDGET, [h1, h2])
+    print(f"back on fastdp {time.monotonic() - healed:.1f} s after the repair")
