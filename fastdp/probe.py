@@ -34,9 +34,8 @@ sender -> receiver direction of the connection (:mod:`fastdp.linkkey`). Keyed BL
 is a MAC by design (no HMAC double pass) and one hashlib call per frame: encoding or
 decoding a full-size heartbeat, MAC included, takes 5-7 us here, at ~120 frames a
 second. Version 1 frames carried no MAC and are rejected: anyone on the underlay could
-forge them. The codec checks the
-MAC before it believes any field; :func:`frame_sender` reads the (unproven) sender and
-ConnUID only to pick the key.
+forge them. The codec checks the MAC before it believes any field; :func:`frame_sender`
+reads the (unproven) sender and ConnUID only to pick the key.
 
 A heartbeat of at least 93 bytes continues, in what used to be padding::
 
