@@ -12,4 +12,8 @@ Modules:
 - :mod:`fastdp.probe` (sans-IO codec + driver): heartbeats that travel the real VXLAN
   path, built in userspace and read back from a probe port on the peer's bridge.
 - :mod:`fastdp.health` (sans-IO): per-peer health state machine driven by heartbeats.
+- :mod:`fastdp.linkkey` (sans-IO): the key shares exchanged over the mesh connection
+  and the per-direction keys that authenticate probe frames.
+- :mod:`fastdp.srcfilter` (driver): the nftables table that lets only current peers
+  send to the VXLAN port.
 """

@@ -50,6 +50,13 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+# A peer's heartbeat sequence numbers grow by one per heartbeat, a few per second. One
+# that jumps further ahead than any sender could have counted since the last (1000 a
+# second, plus slack for reordering) is a bug or an attack, and is ignored: believing it
+# would make every real heartbeat after it look old, and the link would never recover.
+MAX_SEQ_SLACK = 1024
+MAX_HEARTBEAT_RATE = 1000.0
+
 
 class LinkState(enum.Enum):
     PENDING = "pending"
@@ -137,7 +144,8 @@ class PeerHealth:
 
     __slots__ = ("peer", "conn_uid", "config", "state", "reason", "created", "since", "seq", "next_send",
                  "last_ack_at", "last_ack_seq", "ack_streak", "last_hb_at", "last_hb_seq", "last_hb_ts",
-                 "hb_streak", "rtt", "last_error", "flaps", "sent", "acked", "received", "confirmed")
+                 "hb_streak", "rtt", "last_error", "flaps", "sent", "acked", "received", "confirmed",
+                 "implausible")
 
     def __init__(self, peer: int, conn_uid: int, now: float, config: HealthConfig | None = None) -> None:
         self.peer = peer
@@ -161,6 +169,7 @@ class PeerHealth:
         self.flaps: deque[float] = deque()
         self.sent = self.acked = self.received = 0
         self.confirmed = False  # has this link ever been HEALTHY
+        self.implausible = 0  # heartbeats ignored because their seq jumped too far ahead
 
     def __repr__(self) -> str:
         return f"PeerHealth(peer={self.peer:012x}, {self.state.value}: {self.reason})"
@@ -228,8 +237,12 @@ class PeerHealth:
                            ack_wanted: bool = True) -> list[Action]:
         """The peer's heartbeat `seq` arrived: ack it if asked to, count it, and take the
         echo of ours it carries as an ack if the link is healthy."""
-        actions: list[Action] = [SendAck(self.peer, self.conn_uid, seq, timestamp_ns)] if ack_wanted else []
         last = self.last_hb_seq
+        if last is not None and self.last_hb_at is not None:
+            if seq - last > MAX_SEQ_SLACK + max(0.0, now - self.last_hb_at) * MAX_HEARTBEAT_RATE:
+                self.implausible += 1
+                return []
+        actions: list[Action] = [SendAck(self.peer, self.conn_uid, seq, timestamp_ns)] if ack_wanted else []
         if last is not None and seq <= last:
             return actions  # duplicate or reordered: ack it, but it proves nothing new
         self.received += 1

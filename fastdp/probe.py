@@ -18,9 +18,9 @@ own heartbeats.
 Inner frame (all integers big-endian)::
 
     dst MAC (6) | src MAC (6) | ethertype 0x88B5 (2)          -- IEEE "local experimental"
-    magic "PWhb" (4) | version 1 (1) | kind (1) | frame length (2)
+    magic "PWhb" (4) | version 2 (1) | kind (1) | frame length (2)
     sender peer name (6) | ConnUID (8) | sequence number (8) | timestamp ns (8)
-    zero padding up to `frame length`
+    zero padding up to `frame length` - 16 | MAC (16)
 
 `kind` is 1 (heartbeat) or 2 (ack). A heartbeat's timestamp is the sender's monotonic
 clock at sending; an ack carries the sequence number and timestamp of the heartbeat it
@@ -28,15 +28,22 @@ answers, so the heartbeat's sender measures the round trip without keeping state
 `frame length` is the size the sender built; a frame that arrives shorter was cut and
 is rejected.
 
-A heartbeat of at least 77 bytes continues, in what used to be padding::
+The MAC is keyed BLAKE2b with a 16-byte digest over the first `frame length` - 16 bytes
+(everything, the Ethernet header and the padding included), under the key of the
+sender -> receiver direction of the connection (:mod:`fastdp.linkkey`). Keyed BLAKE2b
+is a MAC by design (no HMAC double pass) and one hashlib call per frame: encoding or
+decoding a full-size heartbeat, MAC included, takes 5-7 us here, at ~120 frames a
+second. Version 1 frames carried no MAC and are rejected: anyone on the underlay could
+forge them. The codec checks the MAC before it believes any field; :func:`frame_sender`
+reads the (unproven) sender and ConnUID only to pick the key.
+
+A heartbeat of at least 93 bytes continues, in what used to be padding::
 
     flags (1) | echo sequence number (8) | echo timestamp ns (8) | echo hold ns (8)
 
 flags bit 0: no ack wanted; bit 1: the echo fields are set, repeating the sequence
 number and timestamp of the latest heartbeat the sender had from us and how long it
-held it. A healthy link runs on echoes alone, half the frames of heartbeat + ack. All
-zeros (what the first version sent) means "ack wanted, no echo", so the two versions
-work together.
+held it. A healthy link runs on echoes alone, half the frames of heartbeat + ack.
 
 Probe MACs are derived from peer names (:func:`probe_mac`), so a peer can address
 another's probe port knowing only its name.
@@ -66,9 +73,11 @@ import contextlib
 import enum
 import errno
 import hashlib
+import hmac
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastdp.vxlan import (
@@ -82,6 +91,7 @@ from fastdp.vxlan import (
     netns_context,
     open_ipr,
 )
+from router import ratelog
 from router.errors import WireError
 from router.netlink import NetlinkError
 
@@ -89,12 +99,13 @@ log = logging.getLogger(__name__)
 
 ETHERTYPE = 0x88B5  # IEEE 802 local experimental ethertype 1
 MAGIC = b"PWhb"
-VERSION = 1
+VERSION = 2
+MAC_LEN = 16
 ETH_HEADER = 14
 VXLAN_HEADER_LEN = 8
 VXLAN_FLAG_I = 0x08
 OUTER_OVERHEAD = VXLAN_HEADER_LEN + 8 + 20  # VXLAN + UDP + IPv4 headers
-MIN_FRAME = 60  # the smallest Ethernet frame (without FCS)
+MIN_FRAME = 68  # the smallest probe frame: header + MAC (above Ethernet's 60)
 
 # The probe veth pair: PORT_IFNAME is the (non-isolated) bridge port, PROBE_IFNAME the
 # end the daemon reads.
@@ -104,14 +115,18 @@ PROBE_IFNAME = "vethwe-probe"
 _ETH = struct.Struct("!6s6sH")
 _PAYLOAD = struct.Struct("!4sBBH6sQQQ")
 _VXLAN = struct.Struct("!B3xI")
-HEADER_LEN = ETH_HEADER + _PAYLOAD.size  # 52: the smallest probe frame before padding
+HEADER_LEN = ETH_HEADER + _PAYLOAD.size  # 52: the fields every probe frame has
 _ECHO = struct.Struct("!BQQQ")
-ECHO_FRAME_LEN = HEADER_LEN + _ECHO.size  # 77: the smallest heartbeat that carries the echo
+ECHO_FRAME_LEN = HEADER_LEN + _ECHO.size + MAC_LEN  # 93: the smallest heartbeat that carries the echo
 _NO_ACK, _ECHOED = 0x01, 0x02
 _IN6_ADDR_GEN_MODE_NONE = 1
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 _U64 = (1 << 64) - 1
+
+
+class ProbeAuthError(WireError):
+    """A probe frame whose MAC does not verify under the key of its claimed sender."""
 
 
 class ProbeKind(enum.IntEnum):
@@ -172,12 +187,20 @@ def outer_packet_size(frame_size: int) -> int:
     return frame_size + OUTER_OVERHEAD
 
 
-def encode_frame(dst_mac: bytes, src_mac: bytes, msg: ProbeMessage, size: int = MIN_FRAME) -> bytes:
-    """The inner Ethernet frame carrying `msg`, zero-padded to `size` bytes (at least HEADER_LEN)."""
+def _mac(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.blake2b(data, key=key, digest_size=MAC_LEN).digest()
+
+
+def encode_frame(dst_mac: bytes, src_mac: bytes, msg: ProbeMessage, key: bytes,
+                 size: int = MIN_FRAME) -> bytes:
+    """The inner Ethernet frame carrying `msg`, zero-padded to `size` bytes (at least
+    MIN_FRAME) and authenticated under `key` (the sender -> receiver link key)."""
     if len(dst_mac) != 6 or len(src_mac) != 6:
         raise ValueError("MAC addresses are 6 bytes")
-    if not HEADER_LEN <= size <= 0xFFFF:
-        raise ValueError(f"probe frame size must be within {HEADER_LEN}..65535, not {size}")
+    if not MIN_FRAME <= size <= 0xFFFF:
+        raise ValueError(f"probe frame size must be within {MIN_FRAME}..65535, not {size}")
+    if not 16 <= len(key) <= 64:
+        raise ValueError("a probe key is 16 to 64 bytes")
     if not 0 < msg.sender < 1 << 48:
         raise ValueError(f"sender peer name {msg.sender} is not a valid 48-bit name")
     for field in ("conn_uid", "seq", "timestamp_ns", "echo_seq", "echo_timestamp_ns", "echo_hold_ns"):
@@ -189,13 +212,32 @@ def encode_frame(dst_mac: bytes, src_mac: bytes, msg: ProbeMessage, size: int = 
     if msg.kind is ProbeKind.HEARTBEAT and size >= ECHO_FRAME_LEN:
         flags = (0 if msg.ack_wanted else _NO_ACK) | (_ECHOED if msg.echo_seq else 0)
         header += _ECHO.pack(flags, msg.echo_seq, msg.echo_timestamp_ns, msg.echo_hold_ns)
-    return header + bytes(size - len(header))
+    body = header + bytes(size - MAC_LEN - len(header))
+    return body + _mac(key, body)
 
 
-def decode_frame(frame: bytes | bytearray | memoryview) -> ProbeFrame:
-    """Parse an inner probe frame. Raises WireError if it is not a well-formed probe frame."""
-    if len(frame) < HEADER_LEN:
-        raise WireError(f"probe frame too short: {len(frame)} bytes, need at least {HEADER_LEN}")
+def frame_sender(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """The (sender, ConnUID) a probe frame claims, to look up the key that proves it.
+    Unproven until :func:`decode_frame` verified the MAC. Raises WireError if the frame is
+    not a probe frame of this version."""
+    if len(frame) < MIN_FRAME:
+        raise WireError(f"probe frame too short: {len(frame)} bytes, need at least {MIN_FRAME}")
+    _, _, ethertype = _ETH.unpack_from(frame, 0)
+    if ethertype != ETHERTYPE:
+        raise WireError(f"not a probe frame: ethertype {ethertype:#06x}")
+    magic, version, _, _, sender, conn_uid, _, _ = _PAYLOAD.unpack_from(frame, ETH_HEADER)
+    if magic != MAGIC:
+        raise WireError(f"bad probe magic {magic!r}")
+    if version != VERSION:
+        raise WireError(f"unsupported probe version {version}")
+    return int.from_bytes(sender, "big"), conn_uid
+
+
+def decode_frame(frame: bytes | bytearray | memoryview, key: bytes) -> ProbeFrame:
+    """Parse an inner probe frame and check its MAC under `key`. Raises ProbeAuthError if
+    the MAC is wrong, WireError if it is not a well-formed probe frame."""
+    if len(frame) < MIN_FRAME:
+        raise WireError(f"probe frame too short: {len(frame)} bytes, need at least {MIN_FRAME}")
     dst, src, ethertype = _ETH.unpack_from(frame, 0)
     if ethertype != ETHERTYPE:
         raise WireError(f"not a probe frame: ethertype {ethertype:#06x}")
@@ -208,10 +250,13 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> ProbeFrame:
         probe_kind = ProbeKind(kind)
     except ValueError:
         raise WireError(f"unknown probe kind {kind}") from None
-    if frame_len < HEADER_LEN:
-        raise WireError(f"probe frame length field {frame_len} is below the header size {HEADER_LEN}")
+    if frame_len < MIN_FRAME:
+        raise WireError(f"probe frame length field {frame_len} is below the minimum {MIN_FRAME}")
     if len(frame) < frame_len:
         raise WireError(f"probe frame truncated: {len(frame)} of {frame_len} bytes")
+    end = frame_len - MAC_LEN
+    if not hmac.compare_digest(_mac(key, memoryview(frame)[:end]), bytes(frame[end:frame_len])):
+        raise ProbeAuthError("probe frame MAC does not verify")
     sender_name = int.from_bytes(sender, "big")
     if sender_name == 0:
         raise WireError("probe frame from the unknown peer name 0")
@@ -242,16 +287,16 @@ def decode_vxlan(data: bytes | bytearray | memoryview) -> tuple[int, memoryview]
     return word >> 8, memoryview(data)[VXLAN_HEADER_LEN:]
 
 
-def encode_datagram(vni: int, dst_mac: bytes, src_mac: bytes, msg: ProbeMessage,
+def encode_datagram(vni: int, dst_mac: bytes, src_mac: bytes, msg: ProbeMessage, key: bytes,
                     size: int = MIN_FRAME) -> bytes:
     """The UDP payload that carries `msg` to a peer's port 6784: VXLAN header + inner frame."""
-    return encode_vxlan(vni, encode_frame(dst_mac, src_mac, msg, size))
+    return encode_vxlan(vni, encode_frame(dst_mac, src_mac, msg, key, size))
 
 
-def decode_datagram(data: bytes | bytearray | memoryview) -> tuple[int, ProbeFrame]:
+def decode_datagram(data: bytes | bytearray | memoryview, key: bytes) -> tuple[int, ProbeFrame]:
     """Parse a UDP payload built by :func:`encode_datagram`: (VNI, frame)."""
     vni, inner = decode_vxlan(data)
-    return vni, decode_frame(inner)
+    return vni, decode_frame(inner, key)
 
 
 # --- driver --------------------------------------------------------------------------------
@@ -365,6 +410,8 @@ class ProbeEndpoint:
         self.packet_sock: socket.socket | None = None
         self.udp_sock: socket.socket | None = None
         self.malformed = 0  # frames dropped by the codec
+        self.forged = 0  # frames whose MAC did not verify
+        self.unknown = 0  # frames from a sender/connection we have no key for
         self._buf = bytearray(65536)
 
     def open(self) -> ProbeEndpoint:
@@ -399,15 +446,16 @@ class ProbeEndpoint:
             raise OSError(errno.EBADF, "probe endpoint is not open")
         return self.packet_sock.fileno()
 
-    def send(self, peer_ip: str, peer_name: int, msg: ProbeMessage, size: int = MIN_FRAME) -> None:
-        """Send `msg` over VXLAN to `peer_name`'s probe port at `peer_ip`.
+    def send(self, peer_ip: str, peer_name: int, msg: ProbeMessage, key: bytes,
+             size: int = MIN_FRAME) -> None:
+        """Send `msg` over VXLAN to `peer_name`'s probe port at `peer_ip`, authenticated with `key`.
 
         Raises PathMtuError if the local path MTU is too small for `size`, other
         OSErrors (e.g. ENETUNREACH, EAGAIN when the socket buffer is full) as they come.
         """
         if self.udp_sock is None:
             raise OSError(errno.EBADF, "probe endpoint is not open")
-        data = encode_datagram(self.vni, probe_mac(peer_name), self.mac, msg, size)
+        data = encode_datagram(self.vni, probe_mac(peer_name), self.mac, msg, key, size)
         try:
             self.udp_sock.sendto(data, (peer_ip, self.port))
         except OSError as e:
@@ -417,8 +465,15 @@ class ProbeEndpoint:
                 raise PathMtuError(errno.EMSGSIZE, why) from None
             raise
 
-    def receive(self) -> list[ProbeFrame]:
-        """Every probe frame waiting on the probe port (malformed ones are counted and dropped)."""
+    def receive(self, key_for: Callable[[int, int], bytes | None]) -> list[ProbeFrame]:
+        """Every authentic probe frame waiting on the probe port.
+
+        `key_for(sender, conn_uid)` gives the key of frames from that sender on that
+        connection, None if there is none (not a current peer, or the key shares are
+        not both known yet). Malformed frames, frames with no key and frames whose MAC
+        does not verify are counted (``pyweave_inputs_rejected{component="fastdp"}``)
+        and dropped: only the holder of the key can move the health machine.
+        """
         if self.packet_sock is None:
             raise OSError(errno.EBADF, "probe endpoint is not open")
         frames = []
@@ -428,12 +483,26 @@ class ProbeEndpoint:
                 n = self.packet_sock.recv_into(self._buf)
             except BlockingIOError:
                 break
+            data = view[:n]
+            if data[:6] != self.mac:
+                continue  # the bridge floods nothing to the probe port; someone else's frame
             try:
-                frame = decode_frame(view[:n])
+                sender, conn_uid = frame_sender(data)
+                key = key_for(sender, conn_uid)
+                if key is None:
+                    self.unknown += 1
+                    ratelog.reject(log, "fastdp", "unknown_sender",
+                                   "fastdp: dropping a probe frame from a peer or connection with no key",
+                                   level=logging.INFO)
+                    continue
+                frame = decode_frame(data, key)
+            except ProbeAuthError:
+                self.forged += 1
+                ratelog.reject(log, "fastdp", "bad_mac", "fastdp: dropping a probe frame whose MAC is wrong")
+                continue
             except WireError as e:
                 self.malformed += 1
-                log.debug("dropping malformed probe frame: %s", e)
+                ratelog.reject(log, "fastdp", "malformed", "fastdp: dropping a malformed probe frame: %s", e)
                 continue
-            if frame.dst_mac == self.mac:
-                frames.append(frame)
+            frames.append(frame)
         return frames

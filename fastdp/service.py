@@ -9,6 +9,13 @@ Every change of what the kernel carries is reported through ``on_change(peer, st
 *after* the kernel has it, so the switch can hand the peer's traffic to the sleeve (or
 take it back) knowing what the kernel does.
 
+Heartbeats are authenticated (:mod:`fastdp.linkkey`): :meth:`FastdpService.add_peer`
+returns our key share for the connection, which the switch sends to the peer over the
+mesh connection, and the peer's share comes back through
+:meth:`FastdpService.set_peer_share`. Until both are known the link sends no heartbeat
+and accepts none. Only current peers' addresses may send to the VXLAN port
+(:mod:`fastdp.srcfilter`), so strangers cannot teach the bridge MACs either.
+
 If this host cannot have a VXLAN device, :meth:`FastdpService.run` logs one line, marks
 the service unavailable and returns without failing its nursery: the mesh carries on
 with the sleeve alone.
@@ -20,13 +27,14 @@ import dataclasses
 import ipaddress
 import logging
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
 
-from fastdp import vxlan
+from fastdp import linkkey, srcfilter, vxlan
 from fastdp.health import (
     Action,
     HealthConfig,
@@ -58,6 +66,7 @@ KERNEL_RETRY = 1.0  # seconds before a failed FDB change is tried again
 # How long after a peer's entry went we still look for MACs the kernel learned behind it.
 SWEEP_GRACE = 10.0
 _KERNEL_ERRORS = (OSError, NetlinkError, vxlan.VxlanError)
+_NO_NFT = "nft is not installed"
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,7 @@ class FastdpState:
 class _Peer:
     __slots__ = ("peer", "conn_uid", "ip", "health", "reported", "was_healthy", "since", "last_transition",
                  "failovers", "returns", "last_failover", "last_return", "lost_at", "hb_run", "ack_run",
-                 "send_error", "kernel_error", "final_reason")
+                 "send_error", "kernel_error", "final_reason", "local_share", "tx_key", "rx_key")
 
     def __init__(self, peer: int, conn_uid: int, ip: str, health: PeerHealth, now: float) -> None:
         self.peer = peer
@@ -107,6 +116,9 @@ class _Peer:
         self.send_error: str | None = None
         self.kernel_error: str | None = None
         self.final_reason: str | None = None  # set once the peer is removed or the service stops
+        self.local_share = linkkey.new_share()
+        self.tx_key: bytes | None = None  # set once the peer's key share arrived
+        self.rx_key: bytes | None = None
 
 
 class FastdpService:
@@ -154,7 +166,7 @@ class FastdpService:
         self.unavailable_reason: str | None = None
         self.running = False
         self.stats = {"heartbeats_sent": 0, "acks_sent": 0, "frames_received": 0, "send_errors": 0,
-                      "kernel_errors": 0, "swept": 0}
+                      "kernel_errors": 0, "swept": 0, "unkeyed": 0}
         self._started = False
         self._stopped = False
         self._made = False  # vxlan device created (so ours to delete)
@@ -163,6 +175,8 @@ class FastdpService:
         self._gone: dict[int, _Peer] = {}  # removed while the kernel still carried them
         self._installed: dict[str, int] = {}  # peer IP -> peer name, for every all-zero FDB entry we made
         self._recently_removed: dict[str, tuple[float, int]] = {}  # peer IP -> (sweep it until, peer)
+        self._filtered: frozenset[str] | None = None  # the peer IPs the source filter lets in
+        self._filter_error: str | None = None
         self._wake = trio.Event()
         self._kernel_wake = trio.Event()
 
@@ -172,23 +186,25 @@ class FastdpService:
 
     # -- called by the overlay switch
 
-    def add_peer(self, peer: int, conn_uid: int, peer_ip: str) -> None:
+    def add_peer(self, peer: int, conn_uid: int, peer_ip: str) -> bytes | None:
         """Start monitoring the fastdp link to direct peer `peer` over connection `conn_uid`.
 
         `peer_ip` is the peer's underlay address (where its port `port` is). Idempotent
         for the same connection; a new `conn_uid` replaces the old connection's link,
-        which starts unconfirmed again. Ignored once the service is known unavailable.
+        which starts unconfirmed again. Returns our key share for this connection, to be
+        sent to the peer (:func:`fastdp.linkkey.encode_share`); None (ignored) once the
+        service is known unavailable.
         """
         ip = str(ipaddress.IPv4Address(peer_ip))
         if peer == self.ourself or not 0 < peer < 1 << 48:
             raise ValueError(f"cannot monitor a fastdp link to peer {peer:#x}")
         if self._stopped:
-            return
+            return None
         old = self._peers.get(peer)
         if old is not None and old.conn_uid == conn_uid:
             if old.ip != ip:
                 log.warning("fastdp: %s is already monitored at %s, ignoring %s", _who(peer), old.ip, ip)
-            return
+            return old.local_share
         now = self._clock()
         rec = _Peer(peer, conn_uid, ip, self.monitor.add(peer, conn_uid, now), now)
         previous = old or self._gone.pop(peer, None)
@@ -198,6 +214,23 @@ class FastdpService:
         log.debug("fastdp: monitoring %s at %s (connection %016x)", _who(peer), ip, conn_uid)
         self._wake.set()
         self._kernel_wake.set()
+        return rec.local_share
+
+    def set_peer_share(self, peer: int, conn_uid: int, share: bytes) -> bool:
+        """The peer's key share for connection `conn_uid` arrived: the link's keys exist
+        from now on. False (and nothing changes) if `conn_uid` is not the peer's current
+        connection or it already sent its share (the first one counts)."""
+        rec = self._peers.get(peer)
+        if rec is None or rec.conn_uid != conn_uid or rec.rx_key is not None:
+            return False
+        rec.tx_key = linkkey.derive_key(rec.local_share, share, self.ourself, peer, conn_uid)
+        rec.rx_key = linkkey.derive_key(share, rec.local_share, peer, self.ourself, conn_uid)
+        self._wake.set()
+        return True
+
+    def _key_for(self, sender: int, conn_uid: int) -> bytes | None:
+        rec = self._peers.get(sender)
+        return rec.rx_key if rec is not None and rec.conn_uid == conn_uid else None
 
     def remove_peer(self, peer: int, conn_uid: int) -> None:
         """Stop monitoring `peer` if `conn_uid` is its current connection; its FDB entry goes.
@@ -272,19 +305,44 @@ class FastdpService:
     def _setup(self) -> None:
         vxlan.ensure_vxlan(self.bridge, self.port, self.vni, self.mtu, self.local_ip, self.netns)
         self._made = True
+        self._apply_filter(frozenset())
         endpoint = ProbeEndpoint(self.ourself, self.bridge, self.mtu, self.vni, self.port, self.local_ip,
                                  self.netns)
         try:
             endpoint.open()
         except BaseException:
             vxlan.teardown(self.port, self.netns)
+            srcfilter.remove(self.netns)
             self._made = False
+            self._filtered = None
             raise
         self._endpoint = endpoint
         log.info("fastdp up: %s on %s, mtu %d, heartbeats of %d bytes", self.device, self.bridge, self.mtu,
                  self.config.heartbeat_size)
 
+    def _apply_filter(self, ips: frozenset[str]) -> None:
+        """Let VXLAN in from exactly `ips` (in a worker thread). Without nft the device stays
+        open to all: logged once, and heartbeats are still authenticated."""
+        if self._filter_error == _NO_NFT:
+            return
+        try:
+            if shutil.which("nft") is None:
+                raise srcfilter.FilterError(_NO_NFT)
+            srcfilter.apply(ips, self.port, self.netns)
+        except srcfilter.FilterError as e:
+            self.stats["kernel_errors"] += 1
+            if self._filter_error != str(e):
+                log.warning("fastdp: cannot filter who may send to UDP %d (%s); strangers can reach %s",
+                            self.port, e, self.device)
+            self._filter_error = str(e)
+            return
+        self._filter_error = None
+        self._filtered = ips
+
     def _teardown(self) -> None:
+        if self._filtered is not None:
+            srcfilter.remove(self.netns)
+            self._filtered = None
         if self._endpoint is not None:
             self._endpoint.close()
             self._endpoint = None
@@ -313,7 +371,7 @@ class FastdpService:
         while True:
             await trio.lowlevel.wait_readable(endpoint.fileno())
             try:
-                frames = endpoint.receive()
+                frames = endpoint.receive(self._key_for)
             except OSError as e:
                 log.warning("fastdp: reading the probe port failed: %s", e)
                 await trio.sleep(0.1)
@@ -356,12 +414,15 @@ class FastdpService:
             rec = self._peers.get(action.peer)
             if rec is None or self._endpoint is None:
                 continue
+            if rec.tx_key is None:
+                self.stats["unkeyed"] += 1  # the peer's key share is not here yet
+                continue
             if isinstance(action, SendHeartbeat):
                 msg = ProbeMessage(ProbeKind.HEARTBEAT, self.ourself, action.conn_uid, action.seq,
                                    action.timestamp_ns, action.echo_seq, action.echo_timestamp_ns,
                                    action.echo_hold_ns, action.ack_wanted)
                 try:
-                    self._endpoint.send(rec.ip, rec.peer, msg, action.size)
+                    self._endpoint.send(rec.ip, rec.peer, msg, rec.tx_key, action.size)
                 except OSError as e:
                     self.stats["send_errors"] += 1
                     self.monitor.send_failed(self._clock(), rec.peer, action.seq, str(e))
@@ -373,7 +434,7 @@ class FastdpService:
                 msg = ProbeMessage(ProbeKind.ACK, self.ourself, action.conn_uid, action.seq,
                                    action.timestamp_ns)
                 try:
-                    self._endpoint.send(rec.ip, rec.peer, msg)
+                    self._endpoint.send(rec.ip, rec.peer, msg, rec.tx_key)
                 except OSError as e:
                     self.stats["send_errors"] += 1
                     log.debug("fastdp: ack to %s failed: %s", _who(rec.peer), e)
@@ -456,6 +517,10 @@ class FastdpService:
                         self._report_peer(peer)
                 else:
                     break
+            wanted = frozenset(rec.ip for rec in self._peers.values())
+            if wanted != self._filtered:
+                await self._to_thread(self._apply_filter, wanted)
+                failed = failed or (wanted != self._filtered and self._filter_error != _NO_NFT)
             now = self._clock()
             if not failed and now >= next_sweep:
                 next_sweep = now + self.sweep_interval
@@ -543,6 +608,8 @@ class FastdpService:
         link = rec.health
         if rec.final_reason is not None:
             reason = rec.final_reason
+        elif rec.rx_key is None:
+            reason = "no key share from the peer yet (heartbeats need the keys)"
         elif link.state is LinkState.PENDING:
             reason = f"not yet confirmed ({link.reason})"
         else:

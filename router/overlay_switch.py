@@ -8,6 +8,11 @@ which to a Weave peer means its own OVS datapath) and only where no encryption i
 needed, because this kernel path is plain VXLAN. While fastdp is healthy for a peer the
 kernel carries its unicast (learnt MACs) and floods our broadcasts to it (its all-zero
 FDB entry); the sleeve then leaves that peer out of its own broadcast fan-out.
+
+fastdp's heartbeats are authenticated with keys agreed over the mesh connection: when
+fastdp starts monitoring a connection the switch sends the peer our key share in an
+OverlayControl message (format in :mod:`fastdp.linkkey`) and hands the peer's share,
+when it arrives, to fastdp. The sleeve ignores OverlayControl.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import logging
 import time
 
+from fastdp import linkkey
 from fastdp.service import FastdpService, FastdpState
+from router import ratelog
 from router.overlay import OverlayConn, OverlayStatus
 from router.peername import format_peer_name
 from router.protocol import Tag
@@ -70,9 +77,13 @@ class OverlaySwitch:
         else:
             self._why_sleeve[conn.remote] = "fastdp not yet confirmed"
             try:
-                self.fastdp.add_peer(conn.remote, conn.conn_uid, conn.tcp_address[0])
+                share = self.fastdp.add_peer(conn.remote, conn.conn_uid, conn.tcp_address[0])
             except ValueError as exc:
                 self._why_sleeve[conn.remote] = f"fastdp: {exc}"
+            else:
+                if share is not None:
+                    self.sleeve.host.overlay_send(conn.remote, conn.conn_uid, Tag.OVERLAY_CONTROL,
+                                                  linkkey.encode_share(share))
 
     def connection_down(self, remote: int, conn_uid: int) -> None:
         conn = self._conns.get(remote)
@@ -87,7 +98,24 @@ class OverlaySwitch:
         self.sleeve.connection_down(remote, conn_uid)
 
     def control(self, remote: int, conn_uid: int, tag: Tag, body: bytes) -> None:
+        if tag == Tag.OVERLAY_CONTROL and linkkey.is_share_message(body):
+            self._key_share(remote, conn_uid, body)
+            return
         self.sleeve.control(remote, conn_uid, tag, body)
+
+    def _key_share(self, remote: int, conn_uid: int, body: bytes) -> None:
+        try:
+            share = linkkey.decode_share(body)
+        except linkkey.KeyShareError as exc:
+            ratelog.reject(log, "fastdp", "bad_key_share", "overlay: bad fastdp key share from %s: %s",
+                           format_peer_name(remote), exc)
+            return
+        conn = self._conns.get(remote)
+        if (conn is None or conn.conn_uid != conn_uid or self.fastdp is None
+                or not self.fastdp.set_peer_share(remote, conn_uid, share)):
+            ratelog.reject(log, "fastdp", "unexpected_key_share",
+                           "overlay: unexpected fastdp key share from %s", format_peer_name(remote),
+                           level=logging.INFO)
 
     def status(self, remote: int) -> OverlayStatus | None:
         base = self.sleeve.status(remote)

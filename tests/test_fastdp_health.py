@@ -408,3 +408,30 @@ def test_a_heartbeat_that_wants_no_ack_gets_none() -> None:
     link = PeerHealth(PEER_B, UID, 0.0)
     assert link.heartbeat_received(0.01, 1, 5, ack_wanted=False) == []
     assert link.heartbeat_received(0.02, 2, 6) == [SendAck(PEER_B, UID, 2, 6)]
+
+
+# --- sequence numbers that cannot be real (issue 12) ---------------------------------------
+
+
+def test_a_sequence_number_far_in_the_future_does_not_wedge_the_link() -> None:
+    sim = Sim()
+    sim.run_until(1.0)
+    assert sim.a.state is LinkState.HEALTHY
+    # One heartbeat claiming seq 2^63 (a bug, or a forgery with the key): ignored, unacked.
+    assert sim.a.heartbeat_received(sim.now, 1 << 63, 0) == []
+    assert sim.a.implausible == 1 and sim.a.last_hb_seq != 1 << 63
+    sim.run_until(6.0)
+    # The real heartbeats after it are still news: the link never left HEALTHY.
+    assert sim.a.state is LinkState.HEALTHY, sim.transitions("a")
+    assert [t.new for t in sim.transitions("a")] == [LinkState.HEALTHY]
+
+
+def test_a_long_silence_still_allows_the_sequence_to_jump() -> None:
+    link = PeerHealth(PEER_B, UID, 0.0)
+    link.heartbeat_received(0.0, 1, 0)
+    # An hour without heartbeats reaching us, at 2 per second from the peer: a real jump.
+    link.heartbeat_received(3600.0, 1 + 7200, 0)
+    assert link.last_hb_seq == 7201 and link.implausible == 0
+    # ... but not one beyond what 1000 a second could count.
+    link.heartbeat_received(3601.0, 7201 + 2100, 0)
+    assert link.last_hb_seq == 7201 and link.implausible == 1

@@ -453,9 +453,13 @@ def test_two_hosts_fastdp_stop_cleans_up_and_restart_returns(testbed: Callable[[
 
     # `weave stop` removes what fastdp made in the kernel; the bridge stays (as in Weave).
     assert set(KERNEL_OBJECTS) <= host_links(h2)
+    allowed = h2.run(["nft", "list", "set", "inet", "pyweave_fastdp", "peers"]).stdout
+    assert h1.address in allowed, allowed
     assert "weave router stopped" in weave(h2, "stop")
     left = host_links(h2)
     assert not set(KERNEL_OBJECTS) & left, f"left behind after weave stop: {sorted(left)}"
+    # ... and the source filter on UDP 6784 (fastdp.srcfilter) went with it.
+    assert h2.run(["nft", "list", "table", "inet", "pyweave_fastdp"], check=False).returncode != 0
     assert "weave" in left
     assert "vethwe-sleeve" not in left
     wait_for(lambda: "host2" not in links(h1), "host1 to drop host2", 15, mesh.hosts)

@@ -25,6 +25,7 @@ from fastdp.probe import (
     HEADER_LEN,
     MIN_FRAME,
     PathMtuError,
+    ProbeAuthError,
     ProbeEndpoint,
     ProbeFrame,
     ProbeKind,
@@ -35,6 +36,7 @@ from fastdp.probe import (
     encode_datagram,
     encode_frame,
     encode_vxlan,
+    frame_sender,
     heartbeat_frame_size,
     outer_packet_size,
     probe_mac,
@@ -75,91 +77,127 @@ def carried(msg: ProbeMessage, size: int) -> ProbeMessage:
 
 # --- codec -----------------------------------------------------------------------------------
 
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+keys = st.binary(min_size=16, max_size=64)
 
-@given(msg=messages, dst=macs, src=macs, size=st.integers(HEADER_LEN, 9000))
-def test_frame_round_trip(msg: ProbeMessage, dst: bytes, src: bytes, size: int) -> None:
-    frame = encode_frame(dst, src, msg, size)
+
+@given(msg=messages, dst=macs, src=macs, size=st.integers(MIN_FRAME, 9000), key=keys)
+def test_frame_round_trip(msg: ProbeMessage, dst: bytes, src: bytes, size: int, key: bytes) -> None:
+    frame = encode_frame(dst, src, msg, key, size)
     assert len(frame) == size
     assert frame[12:14] == ETHERTYPE.to_bytes(2, "big")
-    assert decode_frame(frame) == ProbeFrame(dst, src, size, carried(msg, size))
-    assert decode_frame(memoryview(frame + b"\0" * 7)) == ProbeFrame(dst, src, size, carried(msg, size))
+    assert frame_sender(frame) == (msg.sender, msg.conn_uid)
+    assert decode_frame(frame, key) == ProbeFrame(dst, src, size, carried(msg, size))
+    assert decode_frame(memoryview(frame + b"\0" * 7), key) == ProbeFrame(dst, src, size, carried(msg, size))
 
 
-@given(msg=messages, dst=macs, src=macs, vni=st.integers(0, (1 << 24) - 1), size=st.integers(HEADER_LEN, 2000))
+@given(msg=messages, dst=macs, src=macs, vni=st.integers(0, (1 << 24) - 1), size=st.integers(MIN_FRAME, 2000))
 def test_datagram_round_trip(msg: ProbeMessage, dst: bytes, src: bytes, vni: int, size: int) -> None:
-    data = encode_datagram(vni, dst, src, msg, size)
+    data = encode_datagram(vni, dst, src, msg, KEY, size)
     assert len(data) == 8 + size
     assert data[0] == 0x08 and data[1:4] == b"\0\0\0" and data[7] == 0
-    assert decode_datagram(data) == (vni, ProbeFrame(dst, src, size, carried(msg, size)))
+    assert decode_datagram(data, KEY) == (vni, ProbeFrame(dst, src, size, carried(msg, size)))
 
 
-@given(data=st.binary(max_size=200))
-def test_decode_garbage_raises_only_wire_error(data: bytes) -> None:
+@given(data=st.binary(max_size=300), key=keys)
+def test_decode_garbage_raises_only_wire_error(data: bytes, key: bytes) -> None:
+    # Random bytes never decode as a valid frame, and fail only with the module's error root.
     for decode in (decode_frame, decode_datagram):
-        try:
-            decode(data)
-        except WireError:
-            pass
+        with pytest.raises(WireError):
+            decode(data, key)
+    try:
+        frame_sender(data)
+    except WireError:
+        pass
+
+
+@given(msg=messages, body=st.binary(min_size=MIN_FRAME - 16 - HEADER_LEN, max_size=200))
+def test_a_well_formed_frame_with_a_made_up_mac_is_rejected(msg: ProbeMessage, body: bytes) -> None:
+    # A valid header followed by anything: the last 16 bytes would have to be the MAC.
+    header = encode_frame(b"\x02" * 6, b"\x04" * 6, msg, KEY, 200)[:HEADER_LEN]
+    frame = bytearray(header + body + bytes(16))
+    frame[20:22] = len(frame).to_bytes(2, "big")
+    with pytest.raises(ProbeAuthError):
+        decode_frame(frame, KEY)
+
+
+@given(msg=messages, size=st.integers(MIN_FRAME, 1400))
+def test_wrong_key_is_rejected(msg: ProbeMessage, size: int) -> None:
+    frame = encode_frame(b"\x02" * 6, b"\x04" * 6, msg, KEY, size)
+    with pytest.raises(ProbeAuthError):
+        decode_frame(frame, OTHER_KEY)
 
 
 @given(msg=messages, cut=st.integers(0, 199))
 def test_truncated_frames_are_rejected(msg: ProbeMessage, cut: int) -> None:
-    frame = encode_frame(b"\x02" * 6, b"\x04" * 6, msg, 200)
+    frame = encode_frame(b"\x02" * 6, b"\x04" * 6, msg, KEY, 200)
     with pytest.raises(WireError):
-        decode_frame(frame[:cut])
+        decode_frame(frame[:cut], KEY)
 
 
-@given(msg=messages, pos=st.integers(0, HEADER_LEN - 1), flip=st.integers(1, 255))
-def test_corrupt_header_bytes(msg: ProbeMessage, pos: int, flip: int) -> None:
-    frame = bytearray(encode_frame(b"\x02" * 6, b"\x04" * 6, msg, 100))
+@given(msg=messages, pos=st.integers(0, 199), flip=st.integers(1, 255))
+def test_any_flipped_bit_is_rejected(msg: ProbeMessage, pos: int, flip: int) -> None:
+    frame = bytearray(encode_frame(b"\x02" * 6, b"\x04" * 6, msg, KEY, 200))
     frame[pos] ^= flip
-    try:
-        got = decode_frame(frame)
-    except WireError:
-        return
-    # Ethertype, magic and version are checked; the kind may only turn into the other kind.
-    assert pos < 12 or pos >= 19
-    if pos == 19:
-        assert got.message.kind != msg.kind
+    with pytest.raises(WireError):
+        decode_frame(frame, KEY)
 
 
-def _frame(**overrides: object) -> bytearray:
+def _frame(size: int = 100) -> bytearray:
     msg = ProbeMessage(ProbeKind.HEARTBEAT, NAME_A, UID, 1, 2)
-    return bytearray(encode_frame(b"\x02" * 6, b"\x04" * 6, msg, 100))
+    return bytearray(encode_frame(b"\x02" * 6, b"\x04" * 6, msg, KEY, size))
 
 
 @pytest.mark.parametrize("offset,value,match", [
     (12, b"\x08\x00", "ethertype"),
     (14, b"XXXX", "magic"),
-    (18, b"\x02", "version"),
+    (18, b"\x01", "version"),
     (19, b"\x03", "kind"),
     (19, b"\x00", "kind"),
-    (20, (51).to_bytes(2, "big"), "below the header"),
+    (20, (67).to_bytes(2, "big"), "below the minimum"),
     (20, (101).to_bytes(2, "big"), "truncated"),
-    (22, b"\0" * 6, "unknown peer name"),
+    (20, (99).to_bytes(2, "big"), "MAC"),
+    (22, b"\0" * 6, "MAC"),
+    (40, b"\xff", "MAC"),
+    (99, b"\0", "MAC"),
 ])
 def test_malformed_frames(offset: int, value: bytes, match: str) -> None:
     frame = _frame()
     frame[offset:offset + len(value)] = value
     with pytest.raises(WireError, match=match):
-        decode_frame(frame)
+        decode_frame(frame, KEY)
+
+
+def test_version_1_frames_are_not_accepted() -> None:
+    # What the unauthenticated first version sent: anyone could forge it (issue 12).
+    inner = (b"\x02" * 6 + b"\x04" * 6 + ETHERTYPE.to_bytes(2, "big") + b"PWhb" + bytes([1, 1])
+             + (60).to_bytes(2, "big") + NAME_A.to_bytes(6, "big") + UID.to_bytes(8, "big")
+             + (1 << 63).to_bytes(8, "big") + bytes(8))
+    inner += bytes(68 - len(inner))
+    for key in (KEY, OTHER_KEY):
+        with pytest.raises(WireError, match="version"):
+            decode_frame(inner, key)
+    with pytest.raises(WireError, match="version"):
+        frame_sender(inner)
 
 
 def test_heartbeat_echo_travels_in_what_was_padding() -> None:
     mac_a, mac_b = b"\x02" * 6, b"\x04" * 6
     echo = ProbeMessage(ProbeKind.HEARTBEAT, NAME_A, UID, 9, 2, echo_seq=7, echo_timestamp_ns=U64,
                         echo_hold_ns=150_000_000, ack_wanted=False)
-    assert decode_frame(encode_frame(mac_a, mac_b, echo, 1390)).message == echo
-    # What the first version sent (zero padding) reads as "ack wanted, no echo".
+    assert decode_frame(encode_frame(mac_a, mac_b, echo, KEY, 1390), KEY).message == echo
+    # Zero padding reads as "ack wanted, no echo".
     plain = ProbeMessage(ProbeKind.HEARTBEAT, NAME_A, UID, 9, 2)
-    frame = encode_frame(mac_a, mac_b, plain, 1390)
-    assert frame[HEADER_LEN:] == bytes(1390 - HEADER_LEN)
-    assert decode_frame(frame).message == plain
+    frame = encode_frame(mac_a, mac_b, plain, KEY, 1390)
+    assert frame[HEADER_LEN:-16] == bytes(1390 - HEADER_LEN - 16)
+    assert decode_frame(frame, KEY).message == plain
     # Too small to carry the echo (or an ack): the extra fields are left out.
-    small = encode_frame(mac_a, mac_b, echo, HEADER_LEN)
-    assert decode_frame(small).message == plain
+    small = encode_frame(mac_a, mac_b, echo, KEY, ECHO_FRAME_LEN - 1)
+    assert decode_frame(small, KEY).message == plain
     with pytest.raises(ValueError):
-        encode_frame(mac_a, mac_b, ProbeMessage(ProbeKind.HEARTBEAT, NAME_A, UID, 1, 2, echo_seq=U64 + 1), 1390)
+        encode_frame(mac_a, mac_b, ProbeMessage(ProbeKind.HEARTBEAT, NAME_A, UID, 1, 2, echo_seq=U64 + 1),
+                     KEY, 1390)
 
 
 def test_malformed_vxlan_headers() -> None:
@@ -174,13 +212,15 @@ def test_malformed_vxlan_headers() -> None:
 def test_encode_rejects_bad_arguments() -> None:
     msg = ProbeMessage(ProbeKind.ACK, NAME_A, UID, 1, 2)
     with pytest.raises(ValueError):
-        encode_frame(b"\x02" * 5, b"\x04" * 6, msg)
+        encode_frame(b"\x02" * 5, b"\x04" * 6, msg, KEY)
     with pytest.raises(ValueError):
-        encode_frame(b"\x02" * 6, b"\x04" * 6, msg, HEADER_LEN - 1)
+        encode_frame(b"\x02" * 6, b"\x04" * 6, msg, KEY, MIN_FRAME - 1)
     with pytest.raises(ValueError):
-        encode_frame(b"\x02" * 6, b"\x04" * 6, ProbeMessage(ProbeKind.ACK, 0, UID, 1, 2))
+        encode_frame(b"\x02" * 6, b"\x04" * 6, msg, b"short")
     with pytest.raises(ValueError):
-        encode_frame(b"\x02" * 6, b"\x04" * 6, ProbeMessage(ProbeKind.ACK, NAME_A, U64 + 1, 1, 2))
+        encode_frame(b"\x02" * 6, b"\x04" * 6, ProbeMessage(ProbeKind.ACK, 0, UID, 1, 2), KEY)
+    with pytest.raises(ValueError):
+        encode_frame(b"\x02" * 6, b"\x04" * 6, ProbeMessage(ProbeKind.ACK, NAME_A, U64 + 1, 1, 2), KEY)
     with pytest.raises(ValueError):
         encode_vxlan(1 << 24, b"")
 
@@ -196,7 +236,7 @@ def test_probe_mac_is_local_unicast_and_stable(name: int) -> None:
 def test_sizes() -> None:
     assert heartbeat_frame_size(1376) == 1390
     assert outer_packet_size(1390) == 1426  # same as a full-size container packet's outer packet
-    assert MIN_FRAME == 60 and HEADER_LEN == 52
+    assert MIN_FRAME == 68 and HEADER_LEN == 52 and ECHO_FRAME_LEN == 93
     assert len({probe_mac(n) for n in range(1, 2000)}) == 1999
 
 
@@ -232,11 +272,15 @@ def pair() -> Iterator[Pair]:
             e2.close()
 
 
+def key_for(sender: int, conn_uid: int) -> bytes | None:
+    return KEY if conn_uid == UID and sender in (NAME_A, NAME_B) else None
+
+
 def receive(ep: ProbeEndpoint, timeout: float = 0.5) -> list[ProbeFrame]:
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         if select.select([ep], [], [], left)[0]:
-            frames = ep.receive()
+            frames = ep.receive(key_for)
             if frames:
                 return frames
     return []
@@ -254,19 +298,19 @@ def test_heartbeats_travel_the_vxlan_path_both_ways(pair: Pair) -> None:
     for src, src_ip, dst, dst_ip in ((pair.e1, pair.h1.address, pair.e2, pair.h2.address),
                                       (pair.e2, pair.h2.address, pair.e1, pair.h1.address)):
         msg = heartbeat(src.peer_name, 1)
-        src.send(dst_ip, dst.peer_name, msg, FULL)
+        src.send(dst_ip, dst.peer_name, msg, KEY, FULL)
         frames = receive(dst)
         assert frames == [ProbeFrame(dst.mac, src.mac, FULL, msg)]
         # an ack goes back the same way
         ack = ProbeMessage(ProbeKind.ACK, dst.peer_name, UID, msg.seq, msg.timestamp_ns)
-        dst.send(src_ip, src.peer_name, ack)
+        dst.send(src_ip, src.peer_name, ack, KEY)
         assert receive(src) == [ProbeFrame(src.mac, dst.mac, MIN_FRAME, ack)]
 
 
 @pytest.mark.netns
 def test_probe_port_only_sees_its_own_frames(pair: Pair) -> None:
     # A heartbeat addressed to some other probe MAC is not delivered (no flooding to the port).
-    pair.e1.send(pair.h2.address, 0x02_00_00_00_99_99, heartbeat(NAME_A, 1), FULL)
+    pair.e1.send(pair.h2.address, 0x02_00_00_00_99_99, heartbeat(NAME_A, 1), KEY, FULL)
     assert receive(pair.e2, 0.3) == []
     # Garbage with our ethertype is counted and dropped.
     with vxlan.netns_context(pair.h1.netns):
@@ -276,10 +320,17 @@ def test_probe_port_only_sees_its_own_frames(pair: Pair) -> None:
         s.sendto(encode_vxlan(vxlan.DEFAULT_VNI, inner), (pair.h2.address, 6784))
         # wrong VNI: the receiving kernel drops it
         msg = heartbeat(NAME_A, 9)
-        s.sendto(encode_datagram(vxlan.DEFAULT_VNI + 1, pair.e2.mac, pair.e1.mac, msg, 100), (pair.h2.address, 6784))
-    before = pair.e2.malformed
+        s.sendto(encode_datagram(vxlan.DEFAULT_VNI + 1, pair.e2.mac, pair.e1.mac, msg, KEY, 100),
+                 (pair.h2.address, 6784))
+        before = pair.e2.malformed, pair.e2.forged, pair.e2.unknown
+        # the wrong key, and a sender (connection) with no key: counted and dropped
+        s.sendto(encode_datagram(vxlan.DEFAULT_VNI, pair.e2.mac, pair.e1.mac, msg, OTHER_KEY, 100),
+                 (pair.h2.address, 6784))
+        other = dataclasses.replace(msg, conn_uid=UID + 1)
+        s.sendto(encode_datagram(vxlan.DEFAULT_VNI, pair.e2.mac, pair.e1.mac, other, KEY, 100),
+                 (pair.h2.address, 6784))
     assert receive(pair.e2, 0.3) == []
-    assert pair.e2.malformed == before + 1
+    assert (pair.e2.malformed, pair.e2.forged, pair.e2.unknown) == (before[0] + 1, before[1] + 1, before[2] + 1)
 
 
 @pytest.mark.netns
@@ -297,10 +348,10 @@ def test_too_small_local_mtu_fails_the_full_size_heartbeat(pair: Pair) -> None:
     pair.tb.set_mtu(pair.h1, 1300)
     try:
         with pytest.raises(PathMtuError) as info:
-            pair.e1.send(pair.h2.address, NAME_B, heartbeat(NAME_A, 1), FULL)
+            pair.e1.send(pair.h2.address, NAME_B, heartbeat(NAME_A, 1), KEY, FULL)
         assert info.value.errno == errno.EMSGSIZE and "1426" in str(info.value)
         small = heartbeat(NAME_A, 2)
-        pair.e1.send(pair.h2.address, NAME_B, small, 1200)
+        pair.e1.send(pair.h2.address, NAME_B, small, KEY, 1200)
         assert [f.message for f in receive(pair.e2)] == [small]
     finally:
         pair.tb.set_mtu(pair.h1, 1500)
@@ -312,10 +363,10 @@ def test_too_small_mtu_along_the_path_drops_the_full_size_heartbeat(pair: Pair) 
     port = pair.h2.netns  # the switch-side veth is named after the host's namespace
     subprocess.run(["ip", "-n", pair.tb.switch_netns, "link", "set", port, "mtu", "1300"], check=True)
     try:
-        pair.e1.send(pair.h2.address, NAME_B, heartbeat(NAME_A, 1), FULL)
+        pair.e1.send(pair.h2.address, NAME_B, heartbeat(NAME_A, 1), KEY, FULL)
         assert receive(pair.e2, 0.3) == []
         small = heartbeat(NAME_A, 2)
-        pair.e1.send(pair.h2.address, NAME_B, small, 1200)
+        pair.e1.send(pair.h2.address, NAME_B, small, KEY, 1200)
         assert [f.message for f in receive(pair.e2)] == [small]
     finally:
         subprocess.run(["ip", "-n", pair.tb.switch_netns, "link", "set", port, "mtu", "1500"], check=True)
@@ -326,7 +377,7 @@ def test_receiving_bridge_allows_mtu_plus_18(pair: Pair) -> None:
     # Kernel fact (documented in fastdp.probe): the receiving side is lenient by a VLAN tag.
     for size, delivered in ((FULL, True), (FULL + 4, True), (FULL + 5, False)):
         msg = heartbeat(NAME_A, size)
-        pair.e1.send(pair.h2.address, NAME_B, msg, size)
+        pair.e1.send(pair.h2.address, NAME_B, msg, KEY, size)
         assert [f.message for f in receive(pair.e2, 0.5 if delivered else 0.2)] == ([msg] if delivered else [])
 
 
@@ -345,12 +396,12 @@ def drive(pair: Pair, mons: tuple[HealthMonitor, HealthMonitor], until: float,
             elif isinstance(a, SendHeartbeat):
                 msg = ProbeMessage(ProbeKind.HEARTBEAT, ep.peer_name, a.conn_uid, a.seq, a.timestamp_ns)
                 try:
-                    ep.send(ips[a.peer], a.peer, msg, a.size)
+                    ep.send(ips[a.peer], a.peer, msg, KEY, a.size)
                 except OSError as e:
                     mons[i].send_failed(time.monotonic(), a.peer, a.seq, str(e))
             elif isinstance(a, SendAck):
                 ep.send(ips[a.peer], a.peer, ProbeMessage(ProbeKind.ACK, ep.peer_name, a.conn_uid, a.seq,
-                                                          a.timestamp_ns))
+                                                          a.timestamp_ns), KEY)
 
     while (now := time.monotonic()) < until:
         for i in (0, 1):
@@ -359,7 +410,7 @@ def drive(pair: Pair, mons: tuple[HealthMonitor, HealthMonitor], until: float,
         ready = select.select(eps, [], [], max(0.0, min(wait, until - time.monotonic())))[0]
         for ep in ready:
             i = eps.index(ep)
-            for f in ep.receive():
+            for f in ep.receive(key_for):
                 m = f.message
                 handler = mons[i].heartbeat_received if m.kind is ProbeKind.HEARTBEAT else mons[i].ack_received
                 act(i, handler(time.monotonic(), m.sender, m.conn_uid, m.seq, m.timestamp_ns))
@@ -414,5 +465,5 @@ def test_probe_endpoint_cleanup(pair: Pair) -> None:
     pair.e1.close()  # its probe port went with the stale-port cleanup: make it anew
     pair.e1.open()
     msg = heartbeat(NAME_B, 1)
-    pair.e2.send(pair.h1.address, NAME_A, msg, FULL)
+    pair.e2.send(pair.h1.address, NAME_A, msg, KEY, FULL)
     assert [f.message for f in receive(pair.e1)] == [msg]

@@ -133,11 +133,20 @@ async def services(sites: list[Site], config: HealthConfig | None = None,
             await nursery.start(svc.run)
             assert svc.available, svc.unavailable_reason
             run.services[s.index] = svc
+        shares = {}
         for a, b in pairs if pairs is not None else [(a, b) for a in sites for b in sites if a is not b]:
-            run.services[a.index].add_peer(b.name, conn_uid(a, b), b.ip)
+            shares[a.index, b.index] = run.services[a.index].add_peer(b.name, conn_uid(a, b), b.ip)
+        for (a_i, b_i), share in shares.items():  # what the switch sends over the mesh connection
+            if (b_i, a_i) in shares and share is not None:
+                run.services[b_i].set_peer_share(sites_by_index(sites, a_i).name, conn_uid(
+                    sites_by_index(sites, a_i), sites_by_index(sites, b_i)), share)
         run.started = trio.current_time()
         yield run
         nursery.cancel_scope.cancel()
+
+
+def sites_by_index(sites: list[Site], index: int) -> Site:
+    return next(s for s in sites if s.index == index)
 
 
 async def wait_until(probe_: Callable[[], object], what: str, timeout: float) -> float:
@@ -419,10 +428,13 @@ async def test_setup_failure_is_unavailable_and_leaves_nothing(fabric: Fabric) -
 DAEMON = r"""
 import json, logging, signal, sys, time
 import trio
+from fastdp import linkkey
 from fastdp.service import FastdpService
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 ourself, peers = int(sys.argv[1]), json.loads(sys.argv[2])
+# The test plays the mesh connection: each side's key share is known to the other.
+linkkey.new_share = lambda: ourself.to_bytes(32, "big")
 
 def emit(**kw):
     print(json.dumps({"t": time.time(), **kw}), flush=True)
@@ -437,6 +449,7 @@ async def main():
             await nursery.start(svc.run)
             for name, uid, ip in peers:
                 svc.add_peer(name, uid, ip)
+                svc.set_peer_share(name, uid, name.to_bytes(32, "big"))
             emit(event="started", available=svc.available)
             async for _ in signals:
                 break
