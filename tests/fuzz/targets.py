@@ -1,0 +1,712 @@
+"""Every decoder that takes bytes from outside, as one registry of fuzz targets.
+
+A target is the function the daemon calls with a peer's bytes, in the state it is in
+when they arrive (a listening handshake, a codec with a real session key, a sleeve data
+path with a known peer), plus the errors that count as a clean refusal: the module's
+error root, which is what the caller catches (the mesh catches ``WireError`` and drops
+the connection; the sleeve and DNS loops must see no exception at all). Anything else,
+including an ``AssertionError`` from a target's own invariant, is a finding.
+
+The hypothesis tests (tests/fuzz/test_fuzz.py) and bench/fuzz.py both iterate over
+``TARGETS``: a new decoder is one ``@target`` function here.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import ipaddress
+import os
+import random
+import socket
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from router.errors import GobError, WireError
+from router.gob import Decoder
+from router.protocol import GOSSIP_TAGS, FrameReader, OverlayControl, Tag, decode_gossip, split_message
+from tests.fuzz import seeds as S
+
+Runner = Callable[[bytes], object]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    run: Runner
+    errors: tuple[type[BaseException], ...]
+    seeds: Callable[[], list[bytes]]
+    module: str  # where a finding has to be fixed
+    known: str | None = None  # a finding another part of issue 12 is fixing (xfail until merged)
+    examples: int = 150  # hypothesis examples in the CI pass
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def target(
+    name: str,
+    errors: tuple[type[BaseException], ...],
+    seeds: Callable[[], list[bytes]],
+    module: str,
+    *,
+    known: str | None = None,
+    examples: int = 150,
+) -> Callable[[Runner], Runner]:
+    def register(fn: Runner) -> Runner:
+        if name in TARGETS:
+            raise ValueError(f"fuzz target {name} registered twice")
+        TARGETS[name] = Target(name, fn, errors, functools.cache(seeds), module, known, examples)
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------- shared helpers
+
+KEY = bytes(range(100, 132))
+_MAX_FRAMES = 64  # per input, so a target's time stays bounded by the input size
+
+
+def dispatch(payload: bytes) -> None:
+    """What Mesh._dispatch decodes of one frame before a channel sees it."""
+    split = split_message(payload)
+    if split is None:
+        return
+    tag, body = split
+    if tag == Tag.OVERLAY_CONTROL:
+        OverlayControl.decode(body)
+    elif tag in GOSSIP_TAGS:
+        decode_gossip(tag, body)
+
+
+def dispatch_all(frames: list[bytes]) -> None:
+    for payload in frames[:_MAX_FRAMES]:
+        dispatch(payload)
+
+
+# ---------------------------------------------------------------- gob
+
+
+@target("gob_v2_values", (GobError,), S.gob_values, "router/gob.py")
+def _gob_values(data: bytes) -> object:
+    """A fresh gob stream (v2 features, gossip payloads): every value in it, untyped."""
+    dec = Decoder(data)
+    out = []
+    for _ in range(16):
+        if dec.at_end:
+            break
+        out.append(dec.decode())
+    return out
+
+
+def _v1_streams() -> list[bytes]:
+    out = []
+    for stream in S.dialler_streams(None):
+        if stream[5:7] == b"\x01\x01":  # the v1 ones: header, then the gob stream
+            out.append(stream[7:])
+    return out
+
+
+@target("gob_v1_stream", (WireError,), _v1_streams, "router/session_crypto.py")
+def _gob_v1(data: bytes) -> object:
+    """A v1 connection's gob stream after the handshake (type definitions, then []byte values)."""
+    from router.session_crypto import GobFrameCodec
+
+    codec = GobFrameCodec()
+    frames = []
+    # Two feeds: a definition split across reads must work like one read.
+    half = len(data) // 2
+    frames += codec.feed(data[:half])
+    frames += codec.feed(data[half:])
+    dispatch_all(frames)
+    return frames
+
+
+# ---------------------------------------------------------------- handshake and session crypto
+
+
+def _handshake(password: bytes | None, data: bytes) -> object:
+    hs, _header = S.listener_handshake(password)
+    hs.receive_data(data)
+    if hs.complete:
+        dispatch_all(hs.codec.feed(b""))
+    return hs.state
+
+
+def _handshake_seeds(password: bytes | None) -> Callable[[], list[bytes]]:
+    def seeds() -> list[bytes]:
+        out = S.dialler_streams(password)
+        return out + (S.capture_tcp() if password is None else S.capture_enc_tcp())
+
+    return seeds
+
+
+@target("handshake_plain", (WireError,), _handshake_seeds(None), "router/handshake.py")
+def _handshake_plain(data: bytes) -> object:
+    return _handshake(None, data)
+
+
+@target("handshake_password", (WireError,), _handshake_seeds(S.PASSWORD), "router/handshake.py")
+def _handshake_password(data: bytes) -> object:
+    return _handshake(S.PASSWORD, data)
+
+
+def _sealed_v2_seeds() -> list[bytes]:
+    from router.session_crypto import FrameCodec
+
+    out = []
+    payloads = S.mesh_payloads()
+    for start in range(0, len(payloads), 3):
+        sender = FrameCodec(KEY, outbound=True)
+        out.append(b"".join(sender.encode_frame(p) for p in payloads[start : start + 3]))
+    return out
+
+
+@target("session_v2_sealed", (WireError,), _sealed_v2_seeds, "router/session_crypto.py")
+def _session_v2(data: bytes) -> object:
+    """An encrypted v2 connection's stream, at the listener (real key, counters at 0)."""
+    from router.session_crypto import FrameCodec
+
+    frames = FrameCodec(KEY, outbound=False).feed(data)
+    dispatch_all(frames)
+    return frames
+
+
+def _sealed_v1_seeds() -> list[bytes]:
+    from router.session_crypto import GobFrameCodec
+
+    sender = GobFrameCodec(KEY, outbound=True)
+    return [b"".join(sender.encode_frame(p) for p in S.mesh_payloads()[:4])]
+
+
+@target("session_v1_sealed", (WireError,), _sealed_v1_seeds, "router/session_crypto.py")
+def _session_v1(data: bytes) -> object:
+    from router.session_crypto import GobFrameCodec
+
+    frames = GobFrameCodec(KEY, outbound=False).feed(data)
+    dispatch_all(frames)
+    return frames
+
+
+# ---------------------------------------------------------------- mesh frames and envelopes
+
+
+@target("mesh_frames", (WireError,), S.plain_streams, "router/protocol.py")
+def _mesh_frames(data: bytes) -> object:
+    """A plain v2 connection's stream: the frame reader, then what the dispatcher decodes."""
+    reader = FrameReader()
+    frames = reader.feed(data)
+    dispatch_all(frames)
+    return frames
+
+
+@target("gossip_envelope", (WireError,), S.mesh_payloads, "router/protocol.py", examples=300)
+def _gossip_envelope(data: bytes) -> object:
+    if not data:
+        return None
+    tag = 4 + data[0] % 3
+    return decode_gossip(tag, data[1:])
+
+
+# ---------------------------------------------------------------- topology
+
+OURSELF = 0x0A00_0000_0001
+NEIGHBOUR = 0x0A00_0000_0002
+
+
+def _peers():  # type: ignore[no-untyped-def]
+    """A router with one connection, as it is when its neighbour's first update arrives."""
+    from router.topology import Peers
+
+    peers = Peers(OURSELF, "fuzz", 0x1111, 1, rng=random.Random(1))
+    peers.register_remote(NEIGHBOUR, "neighbour", 0x2222, 2)
+    peers.add_connection(NEIGHBOUR, "10.0.0.2:6783", outbound=True, established=True)
+    return peers
+
+
+def _topology_seeds() -> list[bytes]:
+    from router.topology import ConnectionSummary, PeerSummary, encode_topology
+
+    me = PeerSummary(OURSELF, "fuzz", 0x1111, 3, 1, True)
+    them = PeerSummary(NEIGHBOUR, "neighbour", 0x2222, 5, 2, True)
+    third = PeerSummary(0x0A00_0000_0003, "third", 0x3333, 1, 0, False)
+    out = [
+        encode_topology(
+            [
+                (them, [ConnectionSummary(OURSELF, "10.0.0.1:6783", False, True),
+                        ConnectionSummary(third.name, "10.0.0.3:6783", True, True)]),
+                (third, [ConnectionSummary(NEIGHBOUR, "10.0.0.2:41000", False, False)]),
+            ]
+        ),
+        encode_topology([(me, [])]),
+        encode_topology([(them, [ConnectionSummary(OURSELF, "", False, True)])]),
+    ]
+    return out + S.capture_gossip().get("topology", [])
+
+
+@target("topology_update", (WireError,), _topology_seeds, "router/topology.py")
+def _topology_update(data: bytes) -> object:
+    """Peers.apply_update with a gossiped payload; what we hold afterwards must encode and
+    decode again (we gossip it on)."""
+    from router.topology import decode_topology
+
+    peers = _peers()
+    result = peers.apply_update(data)
+    decoded = decode_topology(peers.encode_full())
+    assert {s.name for s, _ in decoded} == set(peers.by_name), "re-encoded topology lost peers"
+    return result
+
+
+def dialable(address: str) -> None:
+    """What trio.open_tcp_stream needs of an address we dial: host must survive IDNA
+    encoding and contain no NUL (getaddrinfo raises UnicodeError / ValueError, which no
+    dial loop expects), and the port must be a real port."""
+    host, sep, port = address.rpartition(":")
+    assert sep and port.isdigit() and 0 < int(port) < 65536, f"bad port in {address!r}"
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(bare)
+        return
+    except ValueError:
+        pass
+    assert "\x00" not in bare, f"NUL in dial address {address!r}"
+    try:
+        bare.encode("idna")
+    except UnicodeError as exc:
+        raise AssertionError(f"dial address {address!r} crashes getaddrinfo: {exc}") from None
+
+
+@target(
+    "topology_dial_addresses",
+    (WireError,),
+    _topology_seeds,
+    "router/mesh.py, router/targets.py",
+    known="issue 12 defect 1: gossiped addresses reach getaddrinfo unvalidated (router/targets.py)",
+)
+def _topology_dial(data: bytes) -> object:
+    """The addresses discovery would dial after an update (Mesh._discovered)."""
+    from router.mesh import _dial_address
+
+    peers = _peers()
+    peers.apply_update(data)
+    out = []
+    for peer in peers.by_name.values():
+        for other, conn in peer.connections.items():
+            if other == OURSELF or not conn.remote_tcp_addr:
+                continue
+            addr = _dial_address(conn.remote_tcp_addr, conn.outbound, 6783)
+            if addr is not None:
+                dialable(addr)
+                out.append(addr)
+    return out
+
+
+# ---------------------------------------------------------------- IPAM
+
+
+@functools.cache
+def _ipam_pristine():  # type: ignore[no-untyped-def]
+    """Two peers that agreed on a ring and allocated: (their network, the fuzzed peer, the other)."""
+    from ipam_crdt.address import CIDR
+    from ipam_crdt.testing import SimNetwork
+
+    net = SimNetwork(CIDR.parse("10.32.0.0/12"), random.Random(7))
+    a, b = 0x0A00_0000_0001, 0x0A00_0000_0002
+    net.add_peer(a)
+    net.add_peer(b)
+    net.allocate(a, "c1")
+    net.settle()
+    net.allocate(b, "c2")
+    net.settle()
+    return net, a, b
+
+
+def _ipam_seeds() -> list[bytes]:
+    from ipam_crdt import wire
+    from ipam_crdt.address import Range
+
+    net, a, b = _ipam_pristine()
+    other = net.alloc(b)
+    out = [other.encode(), S.golden.IPAM_PAYLOAD_WV2]
+    out += [bytes((wire.MSG_SPACE_REQUEST,)) + wire.encode_range(Range(0x0A20_0000, 0x0A20_1000))]
+    out += [bytes((wire.MSG_SPACE_REQUEST_DENIED,)) + wire.encode_range(Range(0x0A20_0000, 0x0A20_0100))]
+    out += [bytes((wire.MSG_RING_UPDATE,)) + other.encode()]
+    return out + S.capture_gossip().get("IPallocation", [])
+
+
+def _ipam_alloc():  # type: ignore[no-untyped-def]
+    net, a, b = _ipam_pristine()
+    return copy.deepcopy(net.alloc(a)), b
+
+
+@target("ipam_gossip", (WireError,), _ipam_seeds, "ipam_crdt/wire.py, ipam_crdt/allocator.py", examples=60)
+def _ipam_gossip(data: bytes) -> object:
+    """An IPAM broadcast from a known peer, at a peer with a ring and allocations."""
+    alloc, src = _ipam_alloc()
+    return alloc.on_gossip_broadcast(src, data)
+
+
+@target("ipam_unicast", (WireError,), _ipam_seeds, "ipam_crdt/wire.py, ipam_crdt/allocator.py", examples=60)
+def _ipam_unicast(data: bytes) -> object:
+    alloc, src = _ipam_alloc()
+    return alloc.on_gossip_unicast(src, data)
+
+
+# ---------------------------------------------------------------- DNS gossip
+
+_DNS_NOW = 1_700_000_000
+
+
+def _nameserver():  # type: ignore[no-untyped-def]
+    from weavedns.records import Nameserver
+
+    ns = Nameserver(OURSELF, is_known_peer=lambda name: True, clock=lambda: float(_DNS_NOW))
+    ns.add_entry("web.weave.local.", "c1", 0x0A20_0001)
+    ns.add_entry("db.weave.local.", "c2", 0x0A20_0002)
+    ns.add_entry("web.weave.local.", "c3", 0x0A20_0003, origin=NEIGHBOUR)
+    return ns
+
+
+def _dns_gossip_seeds() -> list[bytes]:
+    from weavedns.wire import Entry, encode_gossip
+
+    entries = [
+        Entry("web.weave.local.", NEIGHBOUR, "c3", 0x0A20_0003, 2, 0),
+        Entry("new.weave.local.", NEIGHBOUR, "c9", 0x0A20_0009, 0, 0),
+        Entry("web.weave.local.", OURSELF, "c1", 0x0A20_0001, 1, _DNS_NOW),
+    ]
+    out = [encode_gossip((_DNS_NOW, entries)), encode_gossip((_DNS_NOW, []))]
+    return out + S.capture_gossip().get("nameserver", [])
+
+
+@target("dns_gossip", (WireError,), _dns_gossip_seeds, "weavedns/wire.py, weavedns/records.py")
+def _dns_gossip(data: bytes) -> object:
+    ns = _nameserver()
+    ns.on_gossip_broadcast(NEIGHBOUR, data)
+    return ns.entries()
+
+
+# ---------------------------------------------------------------- sleeve
+
+
+class _Routes:
+    """OURSELF - NEIGHBOUR - THIRD in a line."""
+
+    def next_hop(self, dest: int) -> int | None:
+        return NEIGHBOUR if dest in (NEIGHBOUR, THIRD) else None
+
+    def broadcast(self, origin: int) -> list[int]:
+        return [NEIGHBOUR] if origin == OURSELF else []
+
+    def broadcast_via(self, hop: int, origin: int) -> list[int]:
+        return []
+
+
+THIRD = 0x0A00_0000_0003
+_ROUTES = _Routes()
+
+
+@functools.cache
+def _sleeve_fds() -> tuple[int, socket.socket]:
+    # Injected frames go nowhere; nothing is ever sent (no link is established).
+    return os.open(os.devnull, os.O_WRONLY), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+
+def _datapath(encrypted: bool, vnet: bool):  # type: ignore[no-untyped-def]
+    from sleeve.crypto import SleeveCipher
+    from sleeve.datapath import DataPath, Link
+    from sleeve.switch import Switch
+
+    tap, sock = _sleeve_fds()
+    specials: list[bytes] = []
+
+    def on_special(sender: int, address: tuple[str, int], frame: bytes) -> None:
+        # What SleeveOverlay._special decodes (on the trio side).
+        from sleeve.wire import SpecialFrame, classify_special, heartbeat_conn_uid
+
+        if classify_special(frame) is SpecialFrame.HEARTBEAT:
+            heartbeat_conn_uid(frame)
+        specials.append(frame)
+
+    switch = Switch(OURSELF, lambda: _ROUTES, lambda: 1000.0)
+    dp = DataPath(OURSELF, tap, vnet, sock, switch, on_special=on_special)
+    cipher = SleeveCipher(KEY, OURSELF, outbound=False) if encrypted else None
+    dp.links = {NEIGHBOUR: Link(NEIGHBOUR, ("10.0.0.2", 6783), cipher, 1376, vnet=vnet)}
+    return dp
+
+
+def _sleeve(encrypted: bool, vnet: bool, data: bytes) -> object:
+    dp = _datapath(encrypted, vnet)
+    out: dict[int, list[object]] = {}
+    dp._datagram(data, ("10.0.0.2", 6783), out)  # type: ignore[arg-type]
+    return dp.stats
+
+
+def _frames_seeds() -> list[tuple[int, int, bytes]]:
+    from sleeve.wire import heartbeat_frame, pmtu_probe_frame
+
+    arp = bytes.fromhex("ffffffffffff02000000000208060001080006040001") + bytes(28)
+    unicast = bytes.fromhex("020000000001020000000002") + b"\x08\x00" + bytes(60)
+    return [
+        (NEIGHBOUR, OURSELF, heartbeat_frame(0x9999)),
+        (NEIGHBOUR, OURSELF, pmtu_probe_frame(1376)),
+        (NEIGHBOUR, 0, arp),
+        (THIRD, OURSELF, unicast),
+        (NEIGHBOUR, THIRD, unicast),
+    ]
+
+
+def _plain_sleeve_seeds() -> list[bytes]:
+    from sleeve.wire import encode_packet
+
+    frames = _frames_seeds()
+    out = [encode_packet(NEIGHBOUR, [f]) for f in frames] + [encode_packet(NEIGHBOUR, frames)]
+    for name in ("plain-startup.pcap", "plain-ping.pcap"):
+        out += S.capture_udp(name)
+    return out
+
+
+def _vnet_sleeve_seeds() -> list[bytes]:
+    from router.bridge import NO_OFFLOAD_HEADER
+    from sleeve import chunks
+    from sleeve.wire import encode_packet, peer_name_bytes
+
+    frames = [(s, d, NO_OFFLOAD_HEADER + f) for s, d, f in _frames_seeds()]
+    whole = encode_packet(NEIGHBOUR, frames)
+    out = [encode_packet(NEIGHBOUR, [f]) for f in frames] + [whole]
+    out += chunks.split(whole, peer_name_bytes(NEIGHBOUR), 7, 600)
+    return out
+
+
+@target("sleeve_plain", (), _plain_sleeve_seeds, "sleeve/datapath.py, sleeve/wire.py", examples=200)
+def _sleeve_plain(data: bytes) -> object:
+    """A UDP datagram on 6783 at the sleeve's receiving thread (no exception may escape it)."""
+    return _sleeve(False, False, data)
+
+
+@target("sleeve_plain_vnet", (), _vnet_sleeve_seeds, "sleeve/datapath.py, sleeve/chunks.py", examples=200)
+def _sleeve_vnet(data: bytes) -> object:
+    """The same from a pyweave peer that negotiated virtio headers (and chunked datagrams)."""
+    return _sleeve(False, True, data)
+
+
+def _remote_cipher():  # type: ignore[no-untyped-def]
+    from sleeve.crypto import SleeveCipher
+
+    return SleeveCipher(KEY, NEIGHBOUR, outbound=True)
+
+
+def _sealed_sleeve_seeds() -> list[bytes]:
+    from sleeve.wire import encode_frames
+
+    remote = _remote_cipher()
+    frames = _frames_seeds()
+    out = [remote.seal(encode_frames([f])) for f in frames] + [remote.seal(encode_frames(frames), df=True)]
+    return out + S.capture_udp("enc-startup.pcap")
+
+
+@target("sleeve_encrypted", (), _sealed_sleeve_seeds, "sleeve/crypto.py", examples=200)
+def _sleeve_encrypted(data: bytes) -> object:
+    """A datagram claiming to come from a peer whose link is encrypted."""
+    return _sleeve(True, False, data)
+
+
+def _frame_section_seeds() -> list[bytes]:
+    from sleeve.wire import encode_frames
+
+    frames = _frames_seeds()
+    return [encode_frames([f]) for f in frames] + [encode_frames(frames)]
+
+
+@target("sleeve_encrypted_inner", (), _frame_section_seeds, "sleeve/wire.py, sleeve/datapath.py")
+def _sleeve_inner(data: bytes) -> object:
+    """What an authenticated peer can send: any frame section, sealed with the real key."""
+    dp = _datapath(True, False)
+    sealed = _remote_cipher().seal(data, df=bool(len(data) & 1))
+    dp._datagram(sealed, ("10.0.0.2", 6783), {})
+    return dp.stats
+
+
+# ---------------------------------------------------------------- fastdp probes
+
+
+def _probe_seeds() -> list[bytes]:
+    from fastdp import probe
+
+    out = []
+    for kind in probe.ProbeKind:
+        msg = probe.ProbeMessage(kind, NEIGHBOUR, 0x9999, 7, 123456789, 6, 12345, 100)
+        size = probe.heartbeat_frame_size() if kind == probe.ProbeKind.HEARTBEAT else probe.MIN_FRAME
+        out.append(probe.encode_datagram(0x123456, probe.probe_mac(OURSELF), probe.probe_mac(NEIGHBOUR), msg, size))
+    return out
+
+
+@target("fastdp_probe_frame", (WireError,), lambda: [d[8:] for d in _probe_seeds()], "fastdp/probe.py")
+def _probe_frame(data: bytes) -> object:
+    """An inner frame read from the probe port (ProbeEndpoint.receive)."""
+    from fastdp.probe import decode_frame
+
+    return decode_frame(data)
+
+
+@target("fastdp_vxlan_datagram", (WireError,), _probe_seeds, "fastdp/probe.py")
+def _probe_datagram(data: bytes) -> object:
+    from fastdp.probe import decode_datagram
+
+    return decode_datagram(data)
+
+
+# ---------------------------------------------------------------- DNS queries
+
+
+@functools.cache
+def _engine():  # type: ignore[no-untyped-def]
+    from weavedns.answer import AnswerEngine
+
+    return AnswerEngine(_nameserver(), rng=random.Random(3))
+
+
+def _dns_query_seeds() -> list[bytes]:
+    import dnslib
+
+    out = []
+    for name, qtype in (("web.weave.local", "A"), ("db.weave.local", "AAAA"), ("1.0.32.10.in-addr.arpa", "PTR"),
+                        ("example.com", "A"), ("weave.local", "SOA"), ("WEB.weave.local", "ANY")):
+        q = dnslib.DNSRecord.question(name, qtype)
+        out.append(q.pack())
+        q.add_ar(dnslib.EDNS0(udp_len=4096))
+        out.append(q.pack())
+    return out
+
+
+def _check_reply(query: bytes, reply: object, tcp: bool) -> None:
+    from weavedns.answer import Forward
+
+    if reply is None or isinstance(reply, Forward):
+        return
+    assert isinstance(reply, bytes), f"answer returned {type(reply).__name__}"
+    assert len(reply) >= 12 and reply[:2] == query[:2], "reply does not echo the query ID"
+    assert len(reply) <= (65535 if tcp else 4096), f"reply of {len(reply)} bytes"
+
+
+@target("dns_udp_query", (), _dns_query_seeds, "weavedns/answer.py", examples=300)
+def _dns_udp(data: bytes) -> object:
+    """AnswerEngine.answer as the UDP thread calls it (an exception there is a logged traceback)."""
+    reply = _engine().answer(data)
+    _check_reply(data, reply, tcp=False)
+    return reply
+
+
+def _dns_tcp_seeds() -> list[bytes]:
+    qs = _dns_query_seeds()
+    return [b"".join(len(q).to_bytes(2, "big") + q for q in qs[i : i + 3]) for i in range(0, len(qs), 3)]
+
+
+@target("dns_tcp_stream", (), _dns_tcp_seeds, "weavedns/server.py, weavedns/answer.py")
+def _dns_tcp(data: bytes) -> object:
+    """A TCP connection's bytes, split as DNSServer._read_message does, each message answered."""
+    engine = _engine()
+    buf, replies = bytearray(data), []
+    while len(buf) >= 2 and len(replies) < _MAX_FRAMES:
+        size = (buf[0] << 8) | buf[1]
+        if len(buf) < 2 + size:
+            break
+        msg = bytes(buf[2 : 2 + size])
+        del buf[: 2 + size]
+        reply = engine.answer(msg, tcp=True)
+        _check_reply(msg, reply, tcp=True)
+        replies.append(reply)
+    return replies
+
+
+# ---------------------------------------------------------------- HTTP API parameters
+
+
+def form_value(data: bytes) -> str:
+    """A urlencoded form value as Starlette's form parser hands it to a handler."""
+    return urllib.parse.unquote_plus(data.decode("latin-1"))
+
+
+def path_param(data: bytes) -> str:
+    """A percent-encoded path segment as Starlette's router decodes it."""
+    return urllib.parse.unquote(data.decode("latin-1"))
+
+
+def _peer_seeds() -> list[bytes]:
+    return [b"10.0.0.2", b"10.0.0.2:6783", b"weave-host-1", b"[fd00::1]:6783", b"%ff", b"a" * 64 + b":6783",
+            b"%e2%98%83", b"host.example.com:1", b""]
+
+
+@target(
+    "api_connect_peer",
+    (ValueError,),
+    _peer_seeds,
+    "router/targets.py",
+    known="issue 12 defect 2: POST /connect accepts addresses that crash the dial (router/targets.py)",
+    examples=300,
+)
+def _api_connect(data: bytes) -> object:
+    """POST /connect peer=...: Mesh.connect keeps what normalise_address accepts, and dials it."""
+    from router.targets import normalise_address
+
+    addr = normalise_address(form_value(data), 6783)
+    dialable(addr)
+    return addr
+
+
+def _ipam_param_seeds() -> list[bytes]:
+    return [b"10.32.0.1/12", b"10.40.0.0/24", b"0.0.0.0/0", b"10.32.0.1", b" 10.32.0.5 ", b"10.32.0.1/33",
+            b"%31%30.32.0.1/8", b"1.2.3.4/-1"]
+
+
+@target("api_ipam_params", (), _ipam_param_seeds, "ipam_crdt/service.py, ipam_crdt/address.py", examples=300)
+def _api_ipam(data: bytes) -> object:
+    """/ip/{id}/{ip}/{prefixlen} and friends: the service's parsers, as the handlers call them."""
+    from ipam_crdt.address import CIDR
+    from ipam_crdt.service import BadRequest, IpamService
+
+    text = path_param(data)
+    svc = SimpleNamespace(universe=CIDR.parse("10.32.0.0/12"), default_subnet=CIDR.parse("10.32.0.0/12"))
+    results: list[object] = []
+    for parse in (IpamService.parse_cidr, IpamService.parse_addr, lambda t: IpamService.parse_subnet(svc, t)):
+        try:
+            results.append(parse(text))
+        except BadRequest:
+            results.append(None)
+    return results
+
+
+def _dns_param_seeds() -> list[bytes]:
+    return [b"web.weave.local.", b"web", b"10.32.0.1", b"c1", b"*", b"a" * 70 + b".weave.local", b"%00", b"..",
+            b"\xe2\x98\x83.weave.local"]
+
+
+@target("api_dns_params", (), _dns_param_seeds, "weavedns/service.py", examples=300)
+def _api_dns(data: bytes) -> object:
+    """PUT/DELETE /name/{container}/{ip}?fqdn=: the DNS service's validators."""
+    from weavedns.service import DnsInputError, _check_container, _parse_ip, normalise_hostname
+
+    text = path_param(data)
+    results: list[object] = []
+    for check in (_check_container, _parse_ip, lambda t: normalise_hostname(t, "weave.local.")):
+        try:
+            results.append(check(text))
+        except DnsInputError:
+            results.append(None)
+    return results
+
+
+_REPORT = {"Router": {"Name": "02:00:00:00:00:01", "Peers": [{"Name": "a"}], "Version": "2.8.1"},
+           "IPAM": {"Range": "10.32.0.0/12", "Entries": None}, "DNS": {"Domain": "weave.local.", "Entries": []}}
+
+
+@target("api_report_format", (KeyError,), lambda: [b"{{.Router.Name}}", b"{{json .IPAM}}", b"{{.}} x {{.DNS}}"],
+        "router/api.py", examples=300)
+def _api_report(data: bytes) -> object:
+    """GET /report?format=: the template renderer (a KeyError is the handler's 400)."""
+    from router.api import _template
+
+    return _template(form_value(data), _REPORT)
