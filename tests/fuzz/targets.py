@@ -40,7 +40,9 @@ class Target:
     seeds: Callable[[], list[bytes]]
     module: str  # where a finding has to be fixed
     known: str | None = None  # a finding another part of issue 12 is fixing (xfail until merged)
-    examples: int = 150  # hypothesis examples in the CI pass
+    examples: int = 400  # hypothesis examples in the CI pass
+    # Minimal inputs of known findings: the CI pass runs them every time.
+    reproducers: Callable[[], list[bytes]] = lambda: []
 
 
 TARGETS: dict[str, Target] = {}
@@ -53,12 +55,13 @@ def target(
     module: str,
     *,
     known: str | None = None,
-    examples: int = 150,
+    examples: int = 400,
+    reproducers: Callable[[], list[bytes]] = lambda: [],
 ) -> Callable[[Runner], Runner]:
     def register(fn: Runner) -> Runner:
         if name in TARGETS:
             raise ValueError(f"fuzz target {name} registered twice")
-        TARGETS[name] = Target(name, fn, errors, functools.cache(seeds), module, known, examples)
+        TARGETS[name] = Target(name, fn, errors, functools.cache(seeds), module, known, examples, reproducers)
         return fn
 
     return register
@@ -203,7 +206,7 @@ def _mesh_frames(data: bytes) -> object:
     return frames
 
 
-@target("gossip_envelope", (WireError,), S.mesh_payloads, "router/protocol.py", examples=300)
+@target("gossip_envelope", (WireError,), S.mesh_payloads, "router/protocol.py", examples=500)
 def _gossip_envelope(data: bytes) -> object:
     if not data:
         return None
@@ -244,6 +247,8 @@ def _topology_seeds() -> list[bytes]:
         encode_topology([(me, [])]),
         encode_topology([(them, [ConnectionSummary(OURSELF, "", False, True)])]),
     ]
+    # Near the IDNA limits: one edit makes a 64-byte label, or an empty one.
+    out += [_topology_with_address("b" * 63 + ".example:6783"), _topology_with_address("host.x:6783")]
     return out + S.capture_gossip().get("topology", [])
 
 
@@ -258,6 +263,15 @@ def _topology_update(data: bytes) -> object:
     decoded = decode_topology(peers.encode_full())
     assert {s.name for s, _ in decoded} == set(peers.by_name), "re-encoded topology lost peers"
     return result
+
+
+def _topology_with_address(address: str) -> bytes:
+    from router.topology import ConnectionSummary, PeerSummary, encode_topology
+
+    them = PeerSummary(NEIGHBOUR, "neighbour", 0x2222, 5, 2, True)
+    third = PeerSummary(THIRD, "third", 0x3333, 1, 0, False)
+    conns = [ConnectionSummary(OURSELF, "10.0.0.1:6783", False, True), ConnectionSummary(THIRD, address, True, True)]
+    return encode_topology([(them, conns), (third, [ConnectionSummary(NEIGHBOUR, "", False, True)])])
 
 
 def dialable(address: str) -> None:
@@ -285,6 +299,7 @@ def dialable(address: str) -> None:
     _topology_seeds,
     "router/mesh.py, router/targets.py",
     known="issue 12 defect 1: gossiped addresses reach getaddrinfo unvalidated (router/targets.py)",
+    reproducers=lambda: [_topology_with_address("a" * 64 + ":6783")],
 )
 def _topology_dial(data: bytes) -> object:
     """The addresses discovery would dial after an update (Mesh._discovered)."""
@@ -342,14 +357,14 @@ def _ipam_alloc():  # type: ignore[no-untyped-def]
     return copy.deepcopy(net.alloc(a)), b
 
 
-@target("ipam_gossip", (WireError,), _ipam_seeds, "ipam_crdt/wire.py, ipam_crdt/allocator.py", examples=60)
+@target("ipam_gossip", (WireError,), _ipam_seeds, "ipam_crdt/wire.py, ipam_crdt/allocator.py", examples=150)
 def _ipam_gossip(data: bytes) -> object:
     """An IPAM broadcast from a known peer, at a peer with a ring and allocations."""
     alloc, src = _ipam_alloc()
     return alloc.on_gossip_broadcast(src, data)
 
 
-@target("ipam_unicast", (WireError,), _ipam_seeds, "ipam_crdt/wire.py, ipam_crdt/allocator.py", examples=60)
+@target("ipam_unicast", (WireError,), _ipam_seeds, "ipam_crdt/wire.py, ipam_crdt/allocator.py", examples=150)
 def _ipam_unicast(data: bytes) -> object:
     alloc, src = _ipam_alloc()
     return alloc.on_gossip_unicast(src, data)
@@ -481,13 +496,13 @@ def _vnet_sleeve_seeds() -> list[bytes]:
     return out
 
 
-@target("sleeve_plain", (), _plain_sleeve_seeds, "sleeve/datapath.py, sleeve/wire.py", examples=200)
+@target("sleeve_plain", (), _plain_sleeve_seeds, "sleeve/datapath.py, sleeve/wire.py", examples=500)
 def _sleeve_plain(data: bytes) -> object:
     """A UDP datagram on 6783 at the sleeve's receiving thread (no exception may escape it)."""
     return _sleeve(False, False, data)
 
 
-@target("sleeve_plain_vnet", (), _vnet_sleeve_seeds, "sleeve/datapath.py, sleeve/chunks.py", examples=200)
+@target("sleeve_plain_vnet", (), _vnet_sleeve_seeds, "sleeve/datapath.py, sleeve/chunks.py", examples=500)
 def _sleeve_vnet(data: bytes) -> object:
     """The same from a pyweave peer that negotiated virtio headers (and chunked datagrams)."""
     return _sleeve(False, True, data)
@@ -508,7 +523,7 @@ def _sealed_sleeve_seeds() -> list[bytes]:
     return out + S.capture_udp("enc-startup.pcap")
 
 
-@target("sleeve_encrypted", (), _sealed_sleeve_seeds, "sleeve/crypto.py", examples=200)
+@target("sleeve_encrypted", (), _sealed_sleeve_seeds, "sleeve/crypto.py", examples=500)
 def _sleeve_encrypted(data: bytes) -> object:
     """A datagram claiming to come from a peer whose link is encrypted."""
     return _sleeve(True, False, data)
@@ -592,7 +607,12 @@ def _check_reply(query: bytes, reply: object, tcp: bool) -> None:
     assert len(reply) <= (65535 if tcp else 4096), f"reply of {len(reply)} bytes"
 
 
-@target("dns_udp_query", (), _dns_query_seeds, "weavedns/answer.py", examples=300)
+_LABEL_0X40 = bytes.fromhex("123401000001000000000000") + b"\x40" + b"a" * 64 + b"\x00\x00\x01\x00\x01"
+_DNS_KNOWN = "issue 12 defect 4: a 0x40 label length raises DNSLabelError out of AnswerEngine.answer"
+
+
+@target("dns_udp_query", (), _dns_query_seeds, "weavedns/answer.py", examples=500, known=_DNS_KNOWN,
+        reproducers=lambda: [_LABEL_0X40])
 def _dns_udp(data: bytes) -> object:
     """AnswerEngine.answer as the UDP thread calls it (an exception there is a logged traceback)."""
     reply = _engine().answer(data)
@@ -605,7 +625,8 @@ def _dns_tcp_seeds() -> list[bytes]:
     return [b"".join(len(q).to_bytes(2, "big") + q for q in qs[i : i + 3]) for i in range(0, len(qs), 3)]
 
 
-@target("dns_tcp_stream", (), _dns_tcp_seeds, "weavedns/server.py, weavedns/answer.py")
+@target("dns_tcp_stream", (), _dns_tcp_seeds, "weavedns/server.py, weavedns/answer.py", known=_DNS_KNOWN,
+        reproducers=lambda: [len(_LABEL_0X40).to_bytes(2, "big") + _LABEL_0X40])
 def _dns_tcp(data: bytes) -> object:
     """A TCP connection's bytes, split as DNSServer._read_message does, each message answered."""
     engine = _engine()
@@ -646,7 +667,8 @@ def _peer_seeds() -> list[bytes]:
     _peer_seeds,
     "router/targets.py",
     known="issue 12 defect 2: POST /connect accepts addresses that crash the dial (router/targets.py)",
-    examples=300,
+    examples=500,
+    reproducers=lambda: [b"%ff", b"a" * 64, b"%e2%98%83", b"%00"],
 )
 def _api_connect(data: bytes) -> object:
     """POST /connect peer=...: Mesh.connect keeps what normalise_address accepts, and dials it."""
@@ -662,7 +684,7 @@ def _ipam_param_seeds() -> list[bytes]:
             b"%31%30.32.0.1/8", b"1.2.3.4/-1"]
 
 
-@target("api_ipam_params", (), _ipam_param_seeds, "ipam_crdt/service.py, ipam_crdt/address.py", examples=300)
+@target("api_ipam_params", (), _ipam_param_seeds, "ipam_crdt/service.py, ipam_crdt/address.py", examples=500)
 def _api_ipam(data: bytes) -> object:
     """/ip/{id}/{ip}/{prefixlen} and friends: the service's parsers, as the handlers call them."""
     from ipam_crdt.address import CIDR
@@ -684,7 +706,7 @@ def _dns_param_seeds() -> list[bytes]:
             b"\xe2\x98\x83.weave.local"]
 
 
-@target("api_dns_params", (), _dns_param_seeds, "weavedns/service.py", examples=300)
+@target("api_dns_params", (), _dns_param_seeds, "weavedns/service.py", examples=500)
 def _api_dns(data: bytes) -> object:
     """PUT/DELETE /name/{container}/{ip}?fqdn=: the DNS service's validators."""
     from weavedns.service import DnsInputError, _check_container, _parse_ip, normalise_hostname
@@ -704,7 +726,7 @@ _REPORT = {"Router": {"Name": "02:00:00:00:00:01", "Peers": [{"Name": "a"}], "Ve
 
 
 @target("api_report_format", (KeyError,), lambda: [b"{{.Router.Name}}", b"{{json .IPAM}}", b"{{.}} x {{.DNS}}"],
-        "router/api.py", examples=300)
+        "router/api.py", examples=500)
 def _api_report(data: bytes) -> object:
     """GET /report?format=: the template renderer (a KeyError is the handler's 400)."""
     from router.api import _template

@@ -71,6 +71,15 @@ def test_seeds_decode_cleanly(target: Target) -> None:
         check(target, seed)
 
 
+@pytest.mark.parametrize(
+    "target", [c for c in CASES if c.values[0].reproducers()]  # type: ignore[union-attr]
+)
+def test_known_findings(target: Target) -> None:
+    """Minimal inputs of the findings other parts of issue 12 fix (xfail until they are merged)."""
+    for data in target.reproducers():
+        check(target, data)
+
+
 @pytest.mark.parametrize("target", CASES)
 def test_fuzz(target: Target) -> None:
     @settings(
