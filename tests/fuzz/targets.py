@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from router.errors import GobError, WireError
+from router.gob import BYTES as BYTES_T
 from router.gob import Decoder
 from router.protocol import GOSSIP_TAGS, FrameReader, OverlayControl, Tag, decode_gossip, split_message
 from tests.fuzz import seeds as S
@@ -126,6 +127,81 @@ def _gob_v1(data: bytes) -> object:
     frames += codec.feed(data[half:])
     dispatch_all(frames)
     return frames
+
+
+# ---------------------------------------------------------------- per-connection state bounds
+
+FLOOD_REPEATS = 2000
+# What a connection may keep after any run of whole messages (a real v1 stream defines a
+# handful of types, well under 4 KiB).
+FLOOD_RETAINED = 64 * 1024
+
+
+def whole_gob_messages(data: bytes) -> bytes:
+    """The complete gob messages at the start of ``data`` (an incomplete tail is dropped, so
+    that what a flood leaves behind is state, never a legitimately buffered message)."""
+    from router.session_crypto import GobMessageSplitter
+
+    try:
+        return b"".join(GobMessageSplitter(max_size=4096).feed(data[:512]))
+    except WireError:
+        return b""
+
+
+def flood(state: object, feed: Callable[[bytes], object], chunk: bytes) -> None:
+    """Feed the same whole messages again and again: the connection must refuse them (a
+    clean error) or keep bounded state, however long the peer goes on."""
+    import tracemalloc
+
+    if not chunk:
+        return
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(FLOOD_REPEATS):
+            feed(chunk)
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        if started:
+            tracemalloc.stop()
+    assert state is not None
+    assert retained <= FLOOD_RETAINED, (
+        f"{FLOOD_REPEATS} x {len(chunk)} B of whole messages left {retained} B of connection state"
+    )
+
+
+_GOB_FLOOD = "issue 12 defect 6: v1 gob type definitions are kept without bound (router/session_crypto.py, gob.py)"
+
+
+def _definition_seeds() -> list[bytes]:
+    from router.gob import Encoder, Field, SliceType, StructType
+
+    t = StructType("T", (Field("A", SliceType(StructType("U", (Field("B", BYTES_T),)))),))
+    return [Encoder().definitions(t)] + _v1_streams()
+
+
+@target("gob_v1_definition_flood", (WireError,), lambda: _definition_seeds(), "router/session_crypto.py",
+        known=_GOB_FLOOD, examples=20, reproducers=lambda: _definition_seeds()[:1])
+def _gob_v1_flood(data: bytes) -> object:
+    """After a v1 handshake: the same whole messages (type definitions, say) in a loop."""
+    from router.session_crypto import GobFrameCodec
+
+    codec = GobFrameCodec()
+    flood(codec, codec.feed, whole_gob_messages(data))
+    return codec
+
+
+@target("handshake_v1_definition_flood", (WireError,), lambda: _definition_seeds(), "router/handshake.py",
+        known=_GOB_FLOOD + "; before the handshake, even with a password", examples=20,
+        reproducers=lambda: _definition_seeds()[:1])
+def _handshake_v1_flood(data: bytes) -> object:
+    """A v1 dialler that sends definitions instead of its features, to a router with a password."""
+    hs, _header = S.listener_handshake(S.PASSWORD)
+    hs.receive_data(b"weave\x01\x01")
+    flood(hs, hs.receive_data, whole_gob_messages(data))
+    return hs.state
 
 
 # ---------------------------------------------------------------- handshake and session crypto
@@ -543,6 +619,28 @@ def _sleeve_inner(data: bytes) -> object:
     sealed = _remote_cipher().seal(data, df=bool(len(data) & 1))
     dp._datagram(sealed, ("10.0.0.2", 6783), {})
     return dp.stats
+
+
+def _sleeve_control_seeds() -> list[bytes]:
+    from router.protocol import encode_pmtu
+
+    return [b"\x01", b"\x02", b"\x03" + encode_pmtu(1376), b"\x03" + encode_pmtu(8000), b"\x03\x00"]
+
+
+@target("sleeve_control", (WireError,), _sleeve_control_seeds, "sleeve/link.py")
+def _sleeve_control(data: bytes) -> object:
+    """Sleeve control messages on the TCP connection (tag 1-3 and its body), then the timers."""
+    from sleeve.link import SleeveLink
+
+    if not data:
+        return None
+    link = SleeveLink(0x9999, True, ("10.0.0.2", 6783), False, 100.0)
+    actions = link.control(Tag(1 + data[0] % 3), data[1:], 100.0)
+    actions += link.heartbeat(0x9999, ("10.0.0.2", 6783), 100.5)
+    for now in (101.0, 110.0, 200.0):
+        actions += link.tick(now)
+    assert 0 < link.mtu <= 65535, f"sleeve MTU {link.mtu}"
+    return actions
 
 
 # ---------------------------------------------------------------- fastdp probes

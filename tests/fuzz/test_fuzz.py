@@ -12,7 +12,7 @@ import os
 from datetime import timedelta
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz import mutate
@@ -87,6 +87,8 @@ def test_fuzz(target: Target) -> None:
         deadline=DEADLINE,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         database=None,
+        # A known finding fails at once; shrinking it again on every run would only cost time.
+        phases=(Phase.generate,) if target.known else settings.default.phases,
     )
     @given(inputs(target))
     def run(data: bytes) -> None:
