@@ -830,3 +830,130 @@ def _api_report(data: bytes) -> object:
     from router.api import _template
 
     return _template(form_value(data), _REPORT)
+
+
+# ---------------------------------------------------------------- the HTTP API as a whole
+
+
+class _Api:
+    """The router's Starlette app with its DNS and IPAM services, built as weaver builds it
+    (not running: requests are answered, nothing is dialled or gossiped)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        from ipam_crdt.service import IpamService, IpamSettings
+        from router.api import build_app
+        from router.mesh import Mesh, MeshConfig
+        from router.peername import format_peer_name
+        from weavedns.service import DnsService
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="pyweave-fuzz-api-")
+        self.mesh = Mesh(MeshConfig(OURSELF, "fuzz", discovery=False))
+        dns = DnsService(self.mesh, "127.0.0.9:0", state_dir=self.tmp.name, resolv_conf=None, manage_host=False)
+        settings = IpamSettings(ipalloc_range="10.32.0.0/12", ipalloc_init="seed=" + format_peer_name(OURSELF))
+        ipam = IpamService(self.mesh, settings, self.tmp.name, allocate_timeout=0.02)
+        self.app = build_app(self.mesh, dns=dns, ipam=ipam)
+        self.requests = 0
+
+
+_api: _Api | None = None
+
+
+def _http_seeds() -> list[bytes]:
+    return [
+        b"POST /connect\npeer=10.0.0.2&peer=weave-2:6783&replace=true",
+        b"POST /forget\npeer=10.0.0.2",
+        b"GET /report?format=%7B%7B.Router.Name%7D%7D %7B%7Bjson .DNS%7D%7D",
+        b"GET /report\n",
+        b"GET /status\n",
+        b"GET /status/peers\n",
+        b"GET /status/ipam\n",
+        b"GET /metrics\n",
+        b"POST /ip/c1\n",
+        b"POST /ip/c2?check-alive=false\n",
+        b"POST /ip/c1/10.32.0.0/24\n",
+        b"PUT /ip/c3/10.32.0.9\n",
+        b"PUT /ip/c3/10.32.0.9/12?noErrorOnUnknown=true\n",
+        b"GET /ip/c1\n",
+        b"GET /ip/c1/10.32.0.0/12\n",
+        b"DELETE /ip/c1/10.32.0.1\n",
+        b"DELETE /ip/c2\n",
+        b"GET /ip\n",
+        b"GET /ring\n",
+        b"GET /ipinfo/defaultsubnet\n",
+        b"GET /ipinfo/tracker\n",
+        b"DELETE /peer/0a:00:00:00:00:09\n",
+        b"PUT /name/c1/10.32.0.5?fqdn=web.weave.local\n",
+        b"PUT /name/c1/10.32.0.6\nfqdn=db.weave.local.",
+        b"DELETE /name/c1/10.32.0.5?fqdn=web.weave.local\n",
+        b"DELETE /name/c1\n",
+        b"GET /name\n",
+        b"GET /domain\n",
+        b"GET /dns-address\n",
+    ]
+
+
+_METHODS = ("GET", "POST", "PUT", "DELETE")
+
+
+def parse_request(data: bytes) -> tuple[str, bytes, bytes, bytes]:
+    """``METHOD /path?query\nbody`` -> (method, raw path, query string, body)."""
+    head, _, body = data.partition(b"\n")
+    method_text, _, target_text = head.partition(b" ")
+    method = method_text.decode("latin-1").upper()
+    if method not in _METHODS:
+        method = _METHODS[len(method_text) % len(_METHODS)]
+    # Hypercorn (h11) refuses a request target with bytes outside VCHAR; a client escapes them.
+    target_text = b"".join(_VCHAR_ESCAPE[b] for b in target_text)
+    raw_path, _, query = target_text.partition(b"?")
+    if not raw_path.startswith(b"/"):
+        raw_path = b"/" + raw_path
+    return method, raw_path, query, body
+
+
+_VCHAR_ESCAPE = [bytes((b,)) if 0x21 <= b <= 0x7E else b"%%%02X" % b for b in range(256)]
+
+
+@target("api_http", (), _http_seeds, "router/api.py, ipam_crdt/http.py, weavedns/http.py", examples=200)
+def _api_http(data: bytes) -> object:
+    """One request to the whole API on 6784: no exception may escape a handler (a 500 with a
+    traceback in the log)."""
+    import trio
+
+    global _api
+    method, raw_path, query, body = parse_request(data)
+    path = urllib.parse.unquote(raw_path.decode("latin-1"))
+    if _api is None or _api.requests >= 500:
+        _api = _Api()  # bounded state: allocations and names pile up otherwise
+    api = _api
+    api.requests += 1
+    if method == "DELETE" and path.rstrip("/") == "/peer":
+        _api = None  # hands our space away (issue 12 defect 7): the next input gets a fresh router
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": raw_path, "query_string": query, "root_path": "",
+        "headers": [(b"content-type", b"application/x-www-form-urlencoded"),
+                    (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 6784),
+    }
+    response: dict[str, object] = {}
+
+    async def receive() -> dict[str, object]:
+        if "sent" not in response:
+            response["sent"] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            response["status"] = message["status"]
+
+    async def call() -> None:
+        with trio.fail_after(5):
+            await api.app(scope, receive, send)
+
+    trio.run(call)
+    assert response.get("status") != 500, f"{method} {path}: 500"
+    return response.get("status")
