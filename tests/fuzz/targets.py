@@ -332,12 +332,19 @@ def _topology_seeds() -> list[bytes]:
 def _topology_update(data: bytes) -> object:
     """Peers.apply_update with a gossiped payload; what we hold afterwards must encode and
     decode again (we gossip it on)."""
+    from router.routes import Routes
     from router.topology import decode_topology
 
     peers = _peers()
     result = peers.apply_update(data)
     decoded = decode_topology(peers.encode_full())
     assert {s.name for s, _ in decoded} == set(peers.by_name), "re-encoded topology lost peers"
+    # What the mesh computes from it next: routes, and where gossip and broadcasts go.
+    routes = Routes.compute(peers)
+    for name in list(peers.by_name)[:16]:
+        routes.next_hop_all(name)
+        routes.broadcast_all(name)
+    routes.random_neighbours(None, random.Random(0))
     return result
 
 
@@ -435,15 +442,31 @@ def _ipam_alloc():  # type: ignore[no-untyped-def]
 
 @target("ipam_gossip", (WireError,), _ipam_seeds, "ipam_crdt/wire.py, ipam_crdt/allocator.py", examples=150)
 def _ipam_gossip(data: bytes) -> object:
-    """An IPAM broadcast from a known peer, at a peer with a ring and allocations."""
+    """An IPAM broadcast from a known peer, at a peer with a ring and allocations; what it
+    accepted must leave a working allocator (allocation, timers, status, report)."""
     alloc, src = _ipam_alloc()
-    return alloc.on_gossip_broadcast(src, data)
+    result = alloc.on_gossip_broadcast(src, data)
+    _ipam_still_works(alloc)
+    return result
+
+
+def _ipam_still_works(alloc) -> None:  # type: ignore[no-untyped-def]
+    from ipam_crdt.address import CIDR
+
+    net, _, _ = _ipam_pristine()
+    now = net.now + 10
+    alloc.allocate("fuzz-after", CIDR.parse("10.32.0.0/12"), now)
+    alloc.tick(now + 30)
+    alloc.status_lines()
+    alloc.report()
 
 
 @target("ipam_unicast", (WireError,), _ipam_seeds, "ipam_crdt/wire.py, ipam_crdt/allocator.py", examples=150)
 def _ipam_unicast(data: bytes) -> object:
     alloc, src = _ipam_alloc()
-    return alloc.on_gossip_unicast(src, data)
+    actions = alloc.on_gossip_unicast(src, data)
+    _ipam_still_works(alloc)
+    return actions
 
 
 # ---------------------------------------------------------------- DNS gossip
