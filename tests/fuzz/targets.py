@@ -233,6 +233,47 @@ def _handshake_password(data: bytes) -> object:
     return _handshake(S.PASSWORD, data)
 
 
+PRE_HANDSHAKE_FEED = 4 * 1024 * 1024
+PRE_HANDSHAKE_RETAINED = 2 * 1024 * 1024  # features are ~200 bytes; 10 MB is the post-handshake limit
+
+
+def _partial_handshakes() -> list[bytes]:
+    """Handshakes cut short where a peer could go on sending: inside the features."""
+    out = []
+    for stream in S.dialler_streams(None) + S.dialler_streams(S.PASSWORD):
+        out.append(stream[:9] if stream[6] == 2 else stream[:8])
+    out.append(b"weave\x01\x02\x00" + (10 * 1024 * 1024).to_bytes(4, "big"))
+    return out
+
+
+@target("handshake_buffering", (WireError,), _partial_handshakes, "router/handshake.py", examples=20,
+        known="issue 12 defect 6: pre-handshake frames may be 10 MB (router/handshake.py)",
+        reproducers=lambda: _partial_handshakes()[-1:])
+def _handshake_buffering(data: bytes) -> object:
+    """A peer that starts a handshake and then streams bytes: what the listener holds before
+    the handshake completes is bounded well below the post-handshake frame limit."""
+    import tracemalloc
+
+    hs, _header = S.listener_handshake(None)
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        hs.receive_data(data[:64])
+        chunk = bytes(65536)
+        for _ in range(PRE_HANDSHAKE_FEED // len(chunk)):
+            if hs.complete:
+                break
+            hs.receive_data(chunk)
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        if started:
+            tracemalloc.stop()
+    assert hs.complete or retained <= PRE_HANDSHAKE_RETAINED, f"{retained} B held before the handshake completed"
+    return hs.state
+
+
 def _sealed_v2_seeds() -> list[bytes]:
     from router.session_crypto import FrameCodec
 
