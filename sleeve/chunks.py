@@ -17,10 +17,14 @@ feature receive chunks, and only theirs are looked at; Weave peers never see one
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass, field
 
+from router import ratelog
 from router.errors import WireError
+
+log = logging.getLogger(__name__)
 
 MARKER = bytes.fromhex("7fffffffffff")
 _HEADER = struct.Struct(">6s6sIBB")
@@ -102,6 +106,10 @@ class Reassembler:
         if len(entry.parts) < count:
             while self.pending_bytes > self._max_bytes and len(self._pending) > 1:
                 self.expire(now, force=True)
+                ratelog.reject(
+                    log, "sleeve", "chunks_evicted", "sleeve: %d B of chunks pending; dropped the oldest",
+                    self.pending_bytes, level=logging.INFO,
+                )
             return None
         self._forget(key)
         return b"".join(entry.parts[i] for i in range(count))

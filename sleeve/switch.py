@@ -14,6 +14,8 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from router import ratelog
+
 log = logging.getLogger(__name__)
 
 MAC_EXPIRY = 600.0
@@ -67,6 +69,11 @@ class MacTable:
         if old is None or old[2] != local:
             if self._counts[local] >= self._limits[local] and not self._make_room(local, now):
                 self.refused += 1
+                kind = "local" if local else "remote"
+                ratelog.reject(
+                    log, "sleeve", "mac_table_full", "sleeve: %s MAC table full (%d); not learning new ones",
+                    kind, self._limits[local],
+                )
                 return None
             self._counts[local] += 1
             if old is not None:

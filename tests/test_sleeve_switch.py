@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from router import ratelog
 from sleeve.switch import MacTable, Switch
 
 US, B, C, D = 1, 2, 3, 4
@@ -129,9 +130,11 @@ def test_remote_macs_are_bounded_and_local_ones_still_learnt() -> None:
     # A peer (or, on a plain sleeve, anyone who writes a known peer's name into a datagram)
     # could fill the table with made-up source MACs for the whole expiry time.
     table = MacTable(max_remote=100)
+    counted = ratelog.REJECTS.counts[("sleeve", "mac_table_full")]
     for i in range(1000):
         table.learn(_mac(i), B, 1.0)
     assert len(table) == 100 and table.refused == 900
+    assert ratelog.REJECTS.counts[("sleeve", "mac_table_full")] == counted + 900  # in /metrics
     assert table.lookup(_mac(0), 1.0) == B  # what was learnt first stays
     assert table.lookup(_mac(999), 1.0) is None  # unknown: the frame is flooded, still delivered
     table.learn(MAC_LOCAL, US, 1.0, local=True)
