@@ -61,7 +61,8 @@ class CIDR:
     @classmethod
     def parse(cls, text: str) -> CIDR:
         addr_text, sep, plen_text = text.strip().partition("/")
-        if not sep or not plen_text.isdigit() or not 0 <= int(plen_text) <= 32:
+        # isdigit() alone lets through superscripts, which int() refuses, and other scripts' digits.
+        if not sep or not (plen_text.isascii() and plen_text.isdigit()) or not 0 <= int(plen_text) <= 32:
             raise InvalidRequest(f"invalid CIDR {text!r}: expected a.b.c.d/len")
         return cls(parse_ip(addr_text), int(plen_text))
 

@@ -26,7 +26,6 @@ from router.gob import (
     BOOL,
     BYTES,
     MAX_DEFINITION_BYTES,
-    MAX_ITEMS,
     STRING,
     UINT,
     Builtin,
@@ -50,6 +49,11 @@ _MAX_UINT64 = (1 << 64) - 1
 _MAX_PEER_NAME = (1 << 48) - 1
 # chooseShortID: this many random picks before counting the free ids.
 SHORT_ID_RANDOM_TRIES = 10
+# Peers a router keeps track of, placeholders included, and entries a payload or a peer's
+# connection list may hold. Meshes are far smaller (a ShortID, which fastdp needs, has 12
+# bits); without a bound one 10 MB gossip frame names ~200k made-up peers, seconds of CPU
+# and ~1 KB of state each.
+MAX_PEERS = 4096
 
 PEER_SUMMARY = StructType(
     "peerSummary",
@@ -224,6 +228,19 @@ def decode_topology(payload: bytes) -> list[DecodedEntry]:
     return [(peer, conns()) for peer, conns in decode_topology_lazily(payload)]
 
 
+class TopologyTooLarge(WireError):
+    """More peers or connections than MAX_PEERS."""
+
+
+def _too_many_peers() -> TopologyTooLarge:
+    return TopologyTooLarge(f"topology: more than {MAX_PEERS} peers")
+
+
+def _too_many_connections(owner: int) -> TopologyTooLarge:
+    name = format_peer_name(owner)
+    return TopologyTooLarge(f"topology: peer {name} lists more than {MAX_PEERS} connections")
+
+
 def decode_topology_lazily(payload: bytes) -> list[tuple[PeerSummary, Callable[[], list[ConnectionSummary]]]]:
     """Every peer summary in a payload, with a function that decodes its connections.
 
@@ -236,6 +253,8 @@ def decode_topology_lazily(payload: bytes) -> list[tuple[PeerSummary, Callable[[
     dec = Decoder(payload)
     out: list[tuple[PeerSummary, Callable[[], list[ConnectionSummary]]]] = []
     while not dec.at_end:
+        if len(out) >= MAX_PEERS:
+            raise _too_many_peers()
         try:
             peer = _peer_from_gob(dec.decode(PEER_SUMMARY))
         except GobError as exc:
@@ -256,6 +275,8 @@ def _decode_conns(dec: Decoder, mark: int, owner: int) -> list[ConnectionSummary
         raw_conns = dec.decode_at(mark, CONN_LIST)
     except GobError as exc:
         raise GobError(f"topology: bad connection list of {format_peer_name(owner)}: {exc}") from None
+    if len(raw_conns) > MAX_PEERS:
+        raise _too_many_connections(owner)
     return [_conn_from_gob(c, owner) for c in raw_conns]
 
 
@@ -299,6 +320,8 @@ def _decode_known_layout(
             return None
         out: list[tuple[PeerSummary, Callable[[], list[ConnectionSummary]]]] = []
         while True:
+            if len(out) >= MAX_PEERS:
+                raise _too_many_peers()
             peer = _read_peer(payload, peer_body, peer_end, layout.peer_fields)
             conns: Callable[[], list[ConnectionSummary]]
             conns = functools.partial(
@@ -313,6 +336,8 @@ def _decode_known_layout(
             type_id, list_body, list_end = _message(payload, peer_end)
             if type_id != list_id:
                 return None
+    except TopologyTooLarge:
+        raise
     except (GobError, WireError):
         return None
 
@@ -422,8 +447,8 @@ def _read_conns(buf: bytes, pos: int, end: int, fields: _Fields, owner: int) -> 
         count, pos = decode_uint(buf, pos, end)
         if count > end - pos:
             raise GobError(f"gob slice count {count} exceeds the {end - pos} bytes left")
-        if count * (1 + len(CONN_SUMMARY.fields)) > MAX_ITEMS:  # the generic decoder's budget
-            raise GobError(f"gob value with more than {MAX_ITEMS} items")
+        if count > MAX_PEERS:
+            raise _too_many_connections(owner)
         out = []
         for _ in range(count):
             values: list[Any] = [b"", "", False, False]
@@ -565,6 +590,7 @@ class Peers:
         *,
         rng: random.Random,
         version: int = 0,
+        max_peers: int = MAX_PEERS,
     ) -> None:
         if uid == 0:
             raise ValueError("UID 0 is reserved for placeholders")
@@ -575,6 +601,7 @@ class Peers:
         self._peers: dict[int, Peer] = {name: me}
         self._refs: Counter[int] = Counter()
         self._rng = rng
+        self._max_peers = max_peers
         # The encoded value messages of each peer, valid while the Peer object is current.
         self._values: dict[int, tuple[Peer, EntryValues]] = {}
 
@@ -724,6 +751,12 @@ class Peers:
             taken[name] = Peer.from_summary(summary, conns())
 
         known_before = set(self._peers)
+        arriving = {n for n in taken if n not in known_before}
+        arriving.update(r for p in taken.values() for r in p.connections if r not in known_before)
+        if len(known_before) + len(arriving) > self._max_peers:
+            # Refused whole, before anything changes (GC might free some: not worth the risk).
+            total = len(known_before) + len(arriving)
+            raise TopologyTooLarge(f"topology: update would make {total} peers, more than {self._max_peers}")
         # Only a new peer (perhaps unreachable) or a lost connection can leave a peer
         # unreachable; otherwise the collection would find nothing (most updates).
         need_gc = any(

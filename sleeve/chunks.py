@@ -17,16 +17,23 @@ feature receive chunks, and only theirs are looked at; Weave peers never see one
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass, field
 
+from router import ratelog
 from router.errors import WireError
+
+log = logging.getLogger(__name__)
 
 MARKER = bytes.fromhex("7fffffffffff")
 _HEADER = struct.Struct(">6s6sIBB")
 HEADER_SIZE = _HEADER.size  # 18
 MAX_CHUNKS = 64  # the kernel's UDP_MAX_SEGMENTS
 MAX_PENDING = 256  # messages being reassembled at once
+# A chunked message is one sleeve datagram: a 64 KB super-frame and its headers.
+MAX_MESSAGE_BYTES = 65536 + 1024
+MAX_PENDING_BYTES = 16 * 1024 * 1024
 PENDING_TIMEOUT = 1.0
 
 
@@ -55,13 +62,21 @@ class _Pending:
     count: int
     started: float
     parts: dict[int, bytes] = field(default_factory=dict)
+    size: int = 0
 
 
 class Reassembler:
-    """Puts chunked datagrams back together; incomplete ones are dropped after a while."""
+    """Puts chunked datagrams back together; incomplete ones are dropped after a while.
 
-    def __init__(self) -> None:
+    Bounded in messages and in bytes (chunks are easy to forge on a plain sleeve): a
+    message larger than any datagram is refused, and past MAX_PENDING_BYTES the oldest
+    incomplete messages are dropped.
+    """
+
+    def __init__(self, max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
         self._pending: dict[tuple[bytes, int], _Pending] = {}
+        self._max_bytes = max_pending_bytes
+        self.pending_bytes = 0
         self.expired = 0
 
     def add(self, chunk: bytes | memoryview, now: float) -> bytes | None:
@@ -74,21 +89,41 @@ class Reassembler:
         key = (sender, message_id)
         entry = self._pending.get(key)
         if entry is None or entry.count != count:
+            if entry is not None:
+                self._forget(key)
             if len(self._pending) >= MAX_PENDING:
                 self.expire(now, force=True)
             entry = self._pending[key] = _Pending(count, now)
-        entry.parts[index] = bytes(chunk[HEADER_SIZE:])
+        piece = bytes(chunk[HEADER_SIZE:])
+        old = entry.parts.get(index)
+        grow = len(piece) - (len(old) if old is not None else 0)
+        if entry.size + grow > MAX_MESSAGE_BYTES:
+            self._forget(key)
+            raise WireError(f"chunked sleeve message of more than {MAX_MESSAGE_BYTES} bytes")
+        entry.parts[index] = piece
+        entry.size += grow
+        self.pending_bytes += grow
         if len(entry.parts) < count:
+            while self.pending_bytes > self._max_bytes and len(self._pending) > 1:
+                self.expire(now, force=True)
+                ratelog.reject(
+                    log, "sleeve", "chunks_evicted", "sleeve: %d B of chunks pending; dropped the oldest",
+                    self.pending_bytes, level=logging.INFO,
+                )
             return None
-        del self._pending[key]
+        self._forget(key)
         return b"".join(entry.parts[i] for i in range(count))
+
+    def _forget(self, key: tuple[bytes, int]) -> None:
+        entry = self._pending.pop(key)
+        self.pending_bytes -= entry.size
 
     def expire(self, now: float, force: bool = False) -> None:
         stale = [k for k, e in self._pending.items() if now - e.started > PENDING_TIMEOUT]
-        if force and not stale:
+        if force and not stale and self._pending:
             stale = [min(self._pending, key=lambda k: self._pending[k].started)]
         for key in stale:
-            del self._pending[key]
+            self._forget(key)
         self.expired += len(stale)
 
     def __len__(self) -> int:

@@ -14,9 +14,15 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from router import ratelog
+
 log = logging.getLogger(__name__)
 
 MAC_EXPIRY = 600.0
+# A /12 of containers fits with room to spare; each entry costs ~200 bytes.
+MAX_REMOTE_MACS = 65536
+MAX_LOCAL_MACS = 8192
+SWEEP_INTERVAL = 1.0
 STP_MAC = bytes.fromhex("0180c2000000")
 
 
@@ -33,22 +39,56 @@ Hops = list[tuple[int, int]]
 
 
 class MacTable:
-    """MAC -> peer, with expiry. Entries are refreshed by every frame they send."""
+    """MAC -> peer, with expiry. Entries are refreshed by every frame they send.
 
-    def __init__(self, expiry: float = MAC_EXPIRY) -> None:
+    Bounded: source MACs come from frames anyone can make up (a container on our bridge,
+    a peer, or on a plain sleeve whoever writes a known peer's name into a datagram), so
+    remote and local MACs each have a ceiling. A new MAC over the ceiling is not learnt
+    (counted in `refused`): frames to it are flooded, so they still arrive, and what was
+    learnt earlier keeps working. A full table is swept for expired entries at most once
+    a second, so a flood of new MACs costs no scan per frame.
+    """
+
+    def __init__(
+        self, expiry: float = MAC_EXPIRY, max_remote: int = MAX_REMOTE_MACS, max_local: int = MAX_LOCAL_MACS
+    ) -> None:
         self.expiry = expiry
-        self._macs: dict[bytes, tuple[int, float]] = {}
+        self.refused = 0
+        self._limits = (max_remote, max_local)
+        self._counts = [0, 0]  # remote, local
+        # mac -> (peer, last seen, learnt from our bridge)
+        self._macs: dict[bytes, tuple[int, float, bool]] = {}
+        self._last_sweep = float("-inf")
 
-    def learn(self, mac: bytes, peer: int, now: float) -> int | None:
+    def learn(self, mac: bytes, peer: int, now: float, local: bool = False) -> int | None:
         """Record `mac` at `peer`; returns the peer it moved from, if it moved. A group
         address is never a source, so it is not learnt."""
         if mac[0] & 1:
             return None
         old = self._macs.get(mac)
-        self._macs[mac] = (peer, now)
+        if old is None or old[2] != local:
+            if self._counts[local] >= self._limits[local] and not self._make_room(local, now):
+                self.refused += 1
+                kind = "local" if local else "remote"
+                ratelog.reject(
+                    log, "sleeve", "mac_table_full", "sleeve: %s MAC table full (%d); not learning new ones",
+                    kind, self._limits[local],
+                )
+                return None
+            self._counts[local] += 1
+            if old is not None:
+                self._counts[old[2]] -= 1
+        self._macs[mac] = (peer, now, local)
         if old is not None and old[0] != peer and now - old[1] <= self.expiry:
             return old[0]
         return None
+
+    def _make_room(self, local: bool, now: float) -> bool:
+        if now - self._last_sweep < SWEEP_INTERVAL:
+            return False
+        self._last_sweep = now
+        self.expire(now)
+        return self._counts[local] < self._limits[local]
 
     def lookup(self, mac: bytes, now: float) -> int | None:
         entry = self._macs.get(mac)
@@ -59,15 +99,20 @@ class MacTable:
     # These run on the control side while the data path threads learn: they iterate over
     # a snapshot (list() of a dict's items is one step under the GIL) and tolerate races.
     def forget_peer(self, peer: int) -> None:
-        for mac, (owner, _) in list(self._macs.items()):
+        for mac, (owner, _, _) in list(self._macs.items()):
             if owner == peer:
-                self._macs.pop(mac, None)
+                self._drop(mac)
 
     def expire(self, now: float) -> int:
-        stale = [m for m, (_, seen) in list(self._macs.items()) if now - seen > self.expiry]
+        stale = [m for m, (_, seen, _) in list(self._macs.items()) if now - seen > self.expiry]
         for mac in stale:
-            self._macs.pop(mac, None)
+            self._drop(mac)
         return len(stale)
+
+    def _drop(self, mac: bytes) -> None:
+        entry = self._macs.pop(mac, None)
+        if entry is not None:
+            self._counts[entry[2]] -= 1
 
     def __len__(self) -> int:
         return len(self._macs)
@@ -115,7 +160,7 @@ class Switch:
         """A frame captured from our bridge: the (next hop, destination peer) to send it to."""
         now = self._clock()
         dst_mac = bytes(frame[0:6])
-        self.macs.learn(bytes(frame[6:12]), self.ourself, now)
+        self.macs.learn(bytes(frame[6:12]), self.ourself, now, local=True)
         if dst_mac[0] & 1:
             if dst_mac == STP_MAC:
                 return []

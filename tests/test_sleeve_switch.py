@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from router import ratelog
 from sleeve.switch import MacTable, Switch
 
 US, B, C, D = 1, 2, 3, 4
@@ -116,3 +120,91 @@ def test_expired_macs_are_swept() -> None:
     switch.from_peer(B, B, US, frame(BCAST, MAC_B))
     clock.now = 10_000.0
     assert switch.expire_macs() == 1 and len(switch.macs) == 0
+
+
+def _mac(i: int) -> bytes:
+    return bytes((0x02,)) + i.to_bytes(5, "big")
+
+
+def test_remote_macs_are_bounded_and_local_ones_still_learnt() -> None:
+    # A peer (or, on a plain sleeve, anyone who writes a known peer's name into a datagram)
+    # could fill the table with made-up source MACs for the whole expiry time.
+    table = MacTable(max_remote=100)
+    counted = ratelog.REJECTS.counts[("sleeve", "mac_table_full")]
+    for i in range(1000):
+        table.learn(_mac(i), B, 1.0)
+    assert len(table) == 100 and table.refused == 900
+    assert ratelog.REJECTS.counts[("sleeve", "mac_table_full")] == counted + 900  # in /metrics
+    assert table.lookup(_mac(0), 1.0) == B  # what was learnt first stays
+    assert table.lookup(_mac(999), 1.0) is None  # unknown: the frame is flooded, still delivered
+    table.learn(MAC_LOCAL, US, 1.0, local=True)
+    assert table.lookup(MAC_LOCAL, 1.0) == US
+    table.learn(_mac(0), C, 2.0)  # a known MAC may still move
+    assert table.lookup(_mac(0), 2.0) == C
+
+
+def test_a_full_table_makes_room_once_entries_expire() -> None:
+    table = MacTable(expiry=10, max_remote=10)
+    for i in range(10):
+        table.learn(_mac(i), B, 0.0)
+    table.learn(_mac(50), B, 5.0)
+    assert table.lookup(_mac(50), 5.0) is None
+    table.learn(_mac(51), B, 20.0)  # the old ones have expired: swept, and room again
+    assert table.lookup(_mac(51), 20.0) == B and len(table) == 1
+
+
+def test_a_mac_flood_costs_no_sweep_per_frame() -> None:
+    table = MacTable(max_remote=1000)
+    sweeps = 0
+    original = table.expire
+
+    def counting(now: float) -> int:
+        nonlocal sweeps
+        sweeps += 1
+        return original(now)
+
+    table.expire = counting  # type: ignore[method-assign]
+    for i in range(20_000):
+        table.learn(_mac(i), B, 1.0 + i * 1e-5)  # 0.2 s of flood
+    assert sweeps <= 1
+
+
+def test_switch_learns_remote_macs_within_the_bound() -> None:
+    switch, _ = make()
+    switch.macs = MacTable(max_remote=5)
+    for i in range(50):
+        switch.from_peer(B, B, US, frame(BCAST, _mac(i)))
+    switch.from_local(frame(BCAST, MAC_LOCAL))
+    assert len(switch.macs) == 6 and switch.macs.lookup(MAC_LOCAL, 0.0) == US
+
+
+def test_default_table_is_bounded() -> None:
+    switch, _ = make()
+    for i in range(150_000):
+        switch.from_peer(B, B, US, frame(BCAST, _mac(i)))
+    assert len(switch.macs) <= 100_000
+
+
+_OPS = st.lists(
+    st.tuples(st.sampled_from(["remote", "local", "expire", "forget"]), st.integers(0, 40), st.integers(0, 3)),
+    max_size=200,
+)
+
+
+@given(_OPS)
+def test_table_never_exceeds_its_bounds(ops: list[tuple[str, int, int]]) -> None:
+    table = MacTable(expiry=5, max_remote=8, max_local=4)
+    now = 0.0
+    for op, mac, peer in ops:
+        now += 0.5
+        if op == "remote":
+            table.learn(_mac(mac), B + peer, now)
+        elif op == "local":
+            table.learn(_mac(mac), US, now, local=True)
+        elif op == "expire":
+            table.expire(now)
+        else:
+            table.forget_peer(B + peer)
+        remote = sum(1 for _, _, local in table._macs.values() if not local)
+        assert remote <= 8 and len(table) - remote <= 4
+        assert table._counts == [remote, len(table) - remote]

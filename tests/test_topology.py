@@ -741,3 +741,50 @@ def test_no_unreachable_peer_outlives_an_update(updates: list, linked: bool) -> 
     for update in updates:
         model.apply_update(update)
         assert model.garbage_collect() == []
+
+
+# ---------------------------------------------------------------- bounds
+
+BOUND = getattr(topology, "MAX_PEERS", 4096)
+
+
+def _wide_update(first: int, count: int, via: int = B) -> bytes:
+    """`via` claims connections to `count` new peers, which each claim one back."""
+    hub = (ps(via, 2000, 50), [cs(A)] + [cs(first + i) for i in range(count)])
+    return encode_topology([hub] + [(ps(first + i, 5000 + i, 1), [cs(via)]) for i in range(count)])
+
+
+def test_an_update_that_would_exceed_the_peer_bound_is_refused_whole() -> None:
+    # A 10 MB topology frame names ~200k made-up peers: seconds of CPU per frame and about
+    # 1 KB of state each, from one connection. Meshes stay far below topology.MAX_PEERS.
+    model = make_peers()
+    connect(model, B, 2000)
+    before = model.encode_full()
+    with pytest.raises(WireError, match="peers"):
+        model.apply_update(_wide_update(0x03_00_00_00_00_00, BOUND))
+    assert model.encode_full() == before  # nothing changed
+    model.apply_update(_wide_update(0x03_00_00_00_00_00, 100))  # a big but honest mesh is fine
+    assert len(model) == 102
+
+
+def test_peers_added_over_several_updates_are_bounded_too() -> None:
+    model = Peers(A, "a", 1000, 1, rng=random.Random(0), max_peers=300)
+    connect(model, B, 2000)
+    model.apply_update(_wide_update(0x03_00_00_00_00_00, 200))
+    with pytest.raises(WireError, match="peers"):
+        model.apply_update(_wide_update(0x04_00_00_00_00_00, 200))
+    assert len(model) == 202
+
+
+def test_a_payload_with_more_entries_than_the_bound_is_refused_while_decoding() -> None:
+    payload = encode_topology([(ps(0x03_00_00_00_00_00 + i, 1 + i, 1), []) for i in range(BOUND + 1)])
+    with mock.patch.object(topology, "_peer_summary", wraps=topology._peer_summary) as read:
+        with pytest.raises(WireError, match="peers"):
+            topology.decode_topology_lazily(payload)
+    assert read.call_count <= BOUND + 1
+
+
+def test_a_connection_list_longer_than_the_bound_is_refused() -> None:
+    payload = encode_topology([(ps(B, 2000, 1), [cs(0x03_00_00_00_00_00 + i) for i in range(BOUND + 1)])])
+    with pytest.raises(WireError, match="connections"):
+        decode_topology(payload)

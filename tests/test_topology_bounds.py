@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from router import topology
-from router.errors import GobError, WireError
-from router.gob import MAX_DEFINITION_BYTES, MAX_ITEMS, decode_int, decode_uint, encode_int, encode_uint
+from router.errors import WireError
+from router.gob import MAX_DEFINITION_BYTES, decode_int, decode_uint, encode_int, encode_uint
 from router.topology import ConnectionSummary, PeerSummary, decode_topology, encode_topology
 from tests.gobflood import definition_flood
 
@@ -45,12 +45,11 @@ def test_a_huge_connection_list_is_refused_before_it_is_built() -> None:
     list_type, pos = decode_int(payload, body)
     assert payload[pos : pos + 2] == b"\x00\x01"
     entry = payload[pos + 2 :]
-    # Each entry becomes a ConnectionSummary: as many as the generic decoder's item
-    # budget allows for a 4-field struct, plus one.
-    count = MAX_ITEMS // 5 + 1
+    # Each entry becomes a ConnectionSummary: one more than a peer may list.
+    count = topology.MAX_PEERS + 1
     flood = payload[:start] + _message(list_type, b"\x00" + encode_uint(count) + entry * count)
     [(_, conns)] = topology.decode_topology_lazily(flood)
-    with pytest.raises(GobError, match="more than [0-9]+ items"):
+    with pytest.raises(topology.TopologyTooLarge, match="more than 4096 connections"):
         conns()
     # Within the budget the same list is fine.
     small = payload[:start] + _message(list_type, b"\x00" + encode_uint(1000) + entry * 1000)
