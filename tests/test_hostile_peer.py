@@ -76,6 +76,13 @@ def owned_addresses(host: Host) -> list[str]:
     return [addr.split("/")[0] for entry in json.loads(res.stdout)["owned"] for addr in entry["addrs"]]
 
 
+def rejected(host: Host, component: str) -> dict[str, float]:
+    """pyweave_inputs_rejected{component=...} on the host's /metrics, by reason."""
+    text = host.run(["curl", "-sS", "--max-time", "10", f"{API}/metrics"], timeout=20).stdout
+    pattern = rf'^pyweave_inputs_rejected_total{{component="{component}",reason="([^"]+)"}} (\S+)$'
+    return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.MULTILINE)}
+
+
 def test_a_mix_of_attacks_leaves_the_mesh_whole(module_testbed: Testbed) -> None:
     tb = module_testbed
     h1, h2, h3, evil = (tb.add_host() for _ in range(4))
@@ -101,6 +108,7 @@ def test_a_mix_of_attacks_leaves_the_mesh_whole(module_testbed: Testbed) -> None
     rss_before = {h.name: rss_kb(h) for h in routers}
 
     c1 = containers[0]
+    names = {h.name: report(h)["Name"] for h in routers}
     attacks: list[tuple[str, Callable[[], str]]] = [
         ("tcp garbage", lambda: script(evil, "raw", "tcp-garbage", h1.address)),
         ("huge prefix", lambda: script(evil, "raw", "huge-prefix", h2.address)),
@@ -114,6 +122,8 @@ def test_a_mix_of_attacks_leaves_the_mesh_whole(module_testbed: Testbed) -> None
         ("sleeve junk", lambda: script(evil, "raw", "udp-junk", h1.address, "--port", "6783")),
         ("vxlan port junk", lambda: script(evil, "raw", "udp-junk", h2.address, "--port", "6784")),
         ("vxlan made-up MACs", lambda: script(evil, "raw", "vxlan-junk", h3.address)),
+        ("forged heartbeats", lambda: script(evil, "raw", "fastdp-forge", h2.address, "--source", h1.address,
+                                             "--sender", names["host1"], "--receiver", names["host2"])),
         ("dns reserved labels", lambda: script(c1, "raw", "dns-bad", DNS)),
         ("dns idle tcp", lambda: script(c1, "raw", "dns-idle", DNS, "--connections", "300", "--hold", "4")),
         ("api bad peer", lambda: str(curl(h1, "-X", "POST", f"{API}/connect", "--data", "peer=%ff"))),
@@ -141,6 +151,11 @@ def test_a_mix_of_attacks_leaves_the_mesh_whole(module_testbed: Testbed) -> None
 
     for h in routers:
         assert weave(h, "status", check=False, timeout=10), f"{h.name} is down:\n{log_text(h)[-3000:]}"
+    # Forged heartbeats name a connection the forger cannot know: no key, so never checked.
+    forged = rejected(h2, "fastdp")
+    assert sum(forged.values()) >= 100, f"host2 did not count the forged heartbeats: {forged}"
+    dns = rejected(h1, "dns")
+    assert dns.get("formerr", 0) >= 1000, f"host1 did not count the bad DNS queries: {dns}"
 
     def mesh_of_three() -> bool:
         return not mesh_problems({h.name: report(h) for h in routers})

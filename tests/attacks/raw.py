@@ -12,6 +12,9 @@ Attacks:
     huge-prefix ADDR     a protocol header, then a 1 GiB length prefix, then silence
     udp-junk ADDR        --port P --count N          random datagrams (sleeve 6783, VXLAN 6784)
     vxlan-junk ADDR      --count N   VXLAN frames (VNI of fastdp) with made-up inner MACs
+    fastdp-forge ADDR    --source IP --sender NAME --receiver NAME --count N
+                         heartbeats claiming seq 2^63, unauthenticated (the first probe
+                         format) and under a made-up key, from IP forged (raw socket)
     dns-bad ADDR         --count N   queries with a reserved (0x40) label type, on UDP 53
     dns-idle ADDR        --connections N --hold S    TCP connections to 53 that send nothing
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import socket
 import struct
 import sys
@@ -109,6 +113,39 @@ def vxlan_junk(opts: argparse.Namespace) -> str:
             inner = b"\xff" * 6 + src + b"\x08\x06" + os.urandom(28)
             s.sendto(header + inner, (opts.address, VXLAN_PORT))
     return f"{opts.count} VXLAN frames"
+
+
+def _forge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True, help="the IP address to forge (a real peer's)")
+    p.add_argument("--sender", required=True, help="the forged sender's peer name (aa:bb:...)")
+    p.add_argument("--receiver", required=True, help="the target router's peer name")
+    p.add_argument("--count", type=int, default=200)
+
+
+@attack("fastdp-forge", _forge_options)
+def fastdp_forge(opts: argparse.Namespace) -> str:
+    """Issue 12 defect 5: one heartbeat claiming seq 2^63 made every real one look old and
+    kept the link on the sleeve for good."""
+    from fastdp import probe
+    from router.peername import parse_peer_name
+
+    sender, receiver = parse_peer_name(opts.sender), parse_peer_name(opts.receiver)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    src, dst = socket.inet_aton(opts.source), socket.inet_aton(opts.address)
+    size = probe.heartbeat_frame_size()
+    for i in range(opts.count):
+        msg = probe.ProbeMessage(probe.ProbeKind.HEARTBEAT, sender, secrets.randbits(64), 1 << 63, time.monotonic_ns())
+        frame = bytearray(probe.encode_frame(probe.probe_mac(receiver), probe.probe_mac(sender), msg,
+                                             secrets.token_bytes(32), size))
+        if i % 2:  # the first format: version 1, no MAC
+            frame[18] = 1
+            frame = frame[:-16]
+        payload = struct.pack("!II", 0x08000000, VXLAN_VNI << 8) + bytes(frame)
+        udp = struct.pack("!HHHH", 45678, VXLAN_PORT, 8 + len(payload), 0) + payload
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0, src, dst)
+        raw.sendto(ip + udp, (opts.address, 0))
+    raw.close()
+    return f"{opts.count} forged heartbeats"
 
 
 def bad_label_query(qid: int) -> bytes:
