@@ -54,6 +54,7 @@ from ipam_crdt.paxos import Node, NodeID, Observer, Participant
 from ipam_crdt.ring import UNKNOWN_PEER, Ring
 from ipam_crdt.space import Space
 from ipam_crdt.store import IPAMStore, MemoryStore, OwnedData
+from router import ratelog
 from router.gossip_api import Action, SendBroadcast, SendUnicast
 from router.peername import parse_peer_name
 
@@ -408,7 +409,9 @@ class Allocator:
         if c is not None and c.message == message:
             self.conflict = SeedConflict(c.peer, message, c.first_seen, self.now, c.count + 1)
             return
-        log.error("%s (from %s)", message, annotated(sender, self.nicknames))
+        # Every differing message from a peer is a new line otherwise: rate limited.
+        ratelog.reject(log, "ipam", "conflict", "%s (from %s)", message, annotated(sender, self.nicknames),
+                       level=logging.ERROR)
         self.conflict = SeedConflict(sender, message, self.now, self.now)
 
     def _adopt_if_unused(self, sender: int, theirs: Ring) -> bool:

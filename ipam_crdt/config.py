@@ -51,7 +51,7 @@ def parse_ipalloc_init(text: str, target_count: int = 0) -> Bootstrap:
     if kind == "consensus":
         if not sep:
             return ConsensusMode(None, target_count)
-        if not arg.isdigit() or int(arg) < 1:
+        if not (arg.isascii() and arg.isdigit()) or int(arg) < 1:
             raise InvalidRequest(f"invalid --ipalloc-init {text!r}: consensus=N needs a positive count")
         return ConsensusMode(int(arg), target_count)
     if kind == "seed" and sep and arg:

@@ -145,7 +145,7 @@ def resolve(spec: str | int | os.PathLike[str]) -> ContainerNetns:
     ContainerError if it does not exist or is not a network namespace.
     """
     s = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
-    if isinstance(spec, int) or s.isdigit():
+    if isinstance(spec, int) or (s.isascii() and s.isdigit()):
         path, what = f"/proc/{int(s)}/ns/net", f"process {s}"
     elif "/" in s:
         path, what = s, f"netns file {s}"
@@ -153,6 +153,8 @@ def resolve(spec: str | int | os.PathLike[str]) -> ContainerNetns:
         path, what = os.path.join(NETNS_RUN_DIR, s), f"named netns {s!r}"
     else:
         raise ContainerError(f"invalid container spec {spec!r}")
+    if "\0" in path:  # os.stat would raise ValueError, which no caller expects
+        raise ContainerError(f"invalid container spec {spec!r}: a NUL byte")
     try:
         st = os.stat(path)
     except OSError as e:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import trio
 
+from router import ratelog
 from router.bridge import VNET_HDR_LEN
 from router.overlay import OverlayConn, OverlayHost, OverlayStatus
 from router.peername import format_peer_name
@@ -118,9 +119,17 @@ class SleeveOverlay:
         if token is None:
             return
         try:
-            token.run_sync_soon(self._special, sender, address, frame)
+            token.run_sync_soon(self._special_safely, sender, address, frame)
         except trio.RunFinishedError:
             pass
+
+    def _special_safely(self, sender: int, address: tuple[str, int], frame: bytes) -> None:
+        # Run by trio.run_sync_soon: an exception there ends the whole trio run (the daemon).
+        try:
+            self._special(sender, address, frame)
+        except Exception as exc:
+            ratelog.reject(log, "sleeve", "internal_error", "sleeve: a special frame from %s raised %s: %s",
+                           address[0], type(exc).__name__, exc, level=logging.ERROR)
 
     def _special(self, sender: int, address: tuple[str, int], frame: bytes) -> None:
         entry = self._conns.get(sender)

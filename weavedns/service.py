@@ -328,7 +328,7 @@ class DnsService:
         self.purge_interval = purge_interval
         self.state_dir = Path(state_dir) if state_dir is not None else None
         host, _, port = listen.rpartition(":")
-        if not port.isdigit() or int(port) > 65535:
+        if not (port.isascii() and port.isdigit()) or int(port) > 65535:
             raise ValueError(f"DNS listen address {listen!r} is not host:port")
         if host in ("", "0.0.0.0"):
             # A UDP socket on 0.0.0.0 answers from the source the main table picks, which the
