@@ -510,6 +510,7 @@ class Mesh:
         conn = Connection(stream, outbound, address, target)
         self.all_connections.add(conn)
         error = ""
+        kind = "closed"  # a constant naming the kind of failure, for rate-limited logs
         permanent = False
         registered = False
         try:
@@ -528,18 +529,19 @@ class Mesh:
             error = conn.close_reason
         except HandshakeFailure as exc:
             error, permanent = str(exc), not exc.retryable
+            kind = exc.reason.name.lower()
         except (HandshakeError, ProtocolError, WireError) as exc:
-            error = f"protocol error: {exc}"
+            error, kind = f"protocol error: {exc}", "protocol_error"
         except ConnectionRefused as exc:
-            error = str(exc)
+            error, kind = str(exc), "refused"
         except trio.TooSlowError:
-            error = "handshake timed out" if not registered else "timed out"
+            error, kind = "handshake timed out" if not registered else "timed out", "timeout"
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            error = f"connection lost: {exc}" if str(exc) else "connection lost"
+            error, kind = f"connection lost: {exc}" if str(exc) else "connection lost", "lost"
         except Exception as exc:
             # A bug handling this connection's traffic: it ends this connection only.
             log.exception("internal error on connection %s", conn.describe())
-            error = f"internal error: {exc!r}"
+            error, kind = f"internal error: {exc!r}", "internal_error"
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
@@ -548,7 +550,13 @@ class Mesh:
             if registered:
                 self._deregister(conn)
             what = "connection to" if outbound else "connection from"
-            log.info("%s %s closed: %s", what, conn.describe(), error or "closed")
+            if outbound or registered:
+                log.info("%s %s closed: %s", what, conn.describe(), error or "closed")
+            else:
+                # Anyone can open connections that never complete a handshake (the accept
+                # limit lets 20 a second through): one line per interval, all counted.
+                ratelog.reject(log, "mesh", f"handshake_{kind}", "%s %s closed: %s", what, conn.describe(),
+                               error or "closed", level=logging.INFO)
             if target is not None:
                 self.maker.failed(target, trio.current_time(), error or "connection closed", permanent)
                 self._maker_event.set()

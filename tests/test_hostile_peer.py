@@ -154,6 +154,13 @@ def test_a_mix_of_attacks_leaves_the_mesh_whole(module_testbed: Testbed) -> None
     # Forged heartbeats name a connection the forger cannot know: no key, so never checked.
     forged = rejected(h2, "fastdp")
     assert sum(forged.values()) >= 100, f"host2 did not count the forged heartbeats: {forged}"
+    # 50 connections of junk: all counted (refused by the accept limit, or at the header),
+    # a line or two in the log.
+    mesh = rejected(h1, "mesh")
+    junk = mesh.get("handshake_bad_header", 0) + mesh.get("accept_rate_limit", 0)
+    assert junk >= 45, f"host1 did not count the junk connections: {mesh}"
+    junk_lines = re.findall(rf"connection from {re.escape(evil.address)}:\d+ closed: .*header", log_text(h1))
+    assert 1 <= len(junk_lines) <= 3, junk_lines
     dns = rejected(h1, "dns")
     assert dns.get("formerr", 0) >= 1000, f"host1 did not count the bad DNS queries: {dns}"
 
