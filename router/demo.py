@@ -66,6 +66,34 @@ def _containers(hosts: list[Host]) -> list[str]:
     return addresses
 
 
+# Sent from a container: a DNS query whose label has the reserved type 0x40; prints the
+# reply's RCODE (1 is FORMERR).
+_BAD_DNS_QUERY = r"""
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+query = struct.pack("!6H", 0x4242, 0x0100, 1, 0, 0, 0) + b"\x40" + b"a" * 64 + b"\0\0\1\0\1"
+s.sendto(query, ("169.254.53.1", 53))
+print("rcode", s.recv(512)[3] & 15)
+"""
+
+
+def _hostile(hosts: list[Host]) -> None:
+    """Inputs no honest peer or user sends are refused with a reason, and counted."""
+    first = hosts[0]
+    bad = "a" * 64 + ".example"
+    _say(f"hostile input is refused and counted: {first.name}$ weave connect {bad[:8]}...{bad[-12:]}")
+    result = first.run(["weave", "connect", bad], env=first.env, check=False, timeout=30)
+    _show([(result.stderr or result.stdout).strip() or f"exit {result.returncode}"])
+    container = first.containers["web1"]
+    result = container.run([sys.executable, "-c", _BAD_DNS_QUERY], check=False, timeout=30)
+    _show([f"web1: a DNS query with a reserved label type -> {result.stdout.strip() or result.stderr.strip()}"
+           " (FORMERR)"])
+    scrape = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:6784/metrics').read().decode())"
+    metrics = first.run([sys.executable, "-c", scrape], check=False, timeout=30)
+    _show(line for line in metrics.stdout.splitlines() if line.startswith("pyweave_inputs_rejected_total"))
+
+
 def _link_line(host: Host, peer: Host) -> str:
     for line in _weave(host, "status", "connections", check=False).splitlines():
         if f"({peer.name})" in line:
@@ -158,6 +186,7 @@ def main(argv: list[str]) -> int:
         _say(f"{first.name}$ weave status peers")
         print(_weave(first, "status", "peers"), end="")
         addresses = _containers(hosts)
+        _hostile(hosts)
         _fallback(testbed, hosts, addresses[1])
         if opts.keep:
             _say("left running (--keep). Try for example:")
