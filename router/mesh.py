@@ -512,10 +512,11 @@ class Mesh:
         error = ""
         kind = "closed"  # a constant naming the kind of failure, for rate-limited logs
         permanent = False
-        registered = False
+        handshaken = registered = False
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await self._handshake(conn)
+            handshaken = True
             self._register(conn)
             registered = True
             if target is not None:
@@ -550,7 +551,7 @@ class Mesh:
             if registered:
                 self._deregister(conn)
             what = "connection to" if outbound else "connection from"
-            if outbound or registered:
+            if outbound or handshaken:
                 log.info("%s %s closed: %s", what, conn.describe(), error or "closed")
             else:
                 # Anyone can open connections that never complete a handshake (the accept
