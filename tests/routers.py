@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from router.testbed import Host
 
 T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[1]
 CONVERGE = 20.0  # seconds a small mesh may take to settle (it takes ~1 s)
 POLL = 0.15
 
@@ -74,3 +77,21 @@ def wait_for(
             detail = describe() if describe else ""
             pytest.fail(f"timed out after {timeout} s waiting for {what}\n{detail}\n{diagnostics(hosts)}")
         time.sleep(interval)
+
+
+def evil_peer_argv(router: Host, *args: str) -> list[str]:
+    """`python -m tests.attacks.evil_peer ROUTER ARGS` (global options, then the attack)."""
+    return [sys.executable, "-m", "tests.attacks.evil_peer", router.address, *args]
+
+
+def evil_peer(host: Host, router: Host, *args: str, timeout: float = 30) -> str:
+    """Run the evil peer from `host` against `router`'s router; its output (it must exit 0)."""
+    res = host.run(evil_peer_argv(router, *args), env={"PYTHONPATH": str(REPO)}, timeout=timeout, check=False)
+    assert res.returncode == 0, f"evil peer failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    return res.stdout
+
+
+def spawn_evil_peer(host: Host, router: Host, name: str, *args: str) -> Path:
+    """Start the evil peer in the background as process `name` of `host`; its log file."""
+    host.spawn(evil_peer_argv(router, *args), name, env={"PYTHONPATH": str(REPO)})
+    return host.log_path(name)

@@ -26,9 +26,7 @@ import secrets
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
-
-import pytest
+from collections.abc import Callable
 
 from fastdp.vxlan import DEFAULT_VNI
 from router.testbed import Host, Testbed
@@ -141,23 +139,8 @@ def on_fastdp(a: Host, b: Host) -> bool:
     return la is not None and lb is not None and la.overlay == "fastdp" and lb.overlay == "fastdp"
 
 
-@pytest.fixture
-def bed() -> Iterator[Callable[[], Testbed]]:
-    beds: list[Testbed] = []
-
-    def make() -> Testbed:
-        tb = Testbed(3)
-        beds.append(tb)
-        return tb
-
-    yield make
-    for tb in beds:
-        tb.close()
-        assert not tb.cleanup_errors, tb.cleanup_errors
-
-
-def test_forged_heartbeats_and_junk_vxlan_do_not_move_a_fastdp_link(bed: Callable[[], Testbed]) -> None:
-    tb = bed()
+def test_forged_heartbeats_and_junk_vxlan_do_not_move_a_fastdp_link(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(3)
     h1, h2, attacker = tb.hosts
     launch(h1)
     launch(h2, h1.address)

@@ -4,8 +4,9 @@ After a protocol v1 handshake, a peer that sends type definitions in a loop used
 take a router from 70 MB to 249 MB RSS with 12 s of CPU, and a wrong password did not
 help: v1 features and gob definitions are in clear, so they were kept before anything
 was decrypted. The router must close such a connection after a small bound, with a
-reason, and stay up. The fake peer uses `router.handshake` (so PYTHONPATH decides whose
-code it runs); the router is started with `weave launch`, as a user does.
+reason, and stay up. The flooder is `tests.attacks.evil_peer gob-flood` (it uses
+`router.handshake`, so PYTHONPATH decides whose code it runs); the router is started
+with `weave launch`, as a user does.
 """
 
 from __future__ import annotations
@@ -19,52 +20,12 @@ from pathlib import Path
 import pytest
 
 from router.testbed import Host, Testbed
-from tests.routers import launch, log_text, router_test_marks, wait_for, weave
+from tests.routers import evil_peer, launch, log_text, router_test_marks, wait_for, weave
 
 pytestmark = router_test_marks()
 
 REPO = Path(__file__).resolve().parents[1]
 RSS_GROWTH_LIMIT_KB = 30 * 1024
-
-# argv: router address, password ("" for none), megabytes of definitions to send.
-# Prints "handshake complete", then "closed after N bytes" or "open after N bytes".
-V1_FLOOD_CLIENT = r"""
-import secrets, socket, sys, time
-from router.handshake import Handshake, PeerIdentity
-from router.peername import random_peer_name
-from tests.gobflood import definition_flood
-
-addr, password, megabytes = sys.argv[1], sys.argv[2].encode() or None, float(sys.argv[3])
-sock = socket.create_connection((addr, 6783), timeout=10)
-hs = Handshake(outbound=True, local=PeerIdentity(random_peer_name(), "flooder", secrets.randbits(63) + 1),
-               conn_id=secrets.randbits(64), password=password, max_version=1)
-sock.sendall(hs.initiate())
-while not hs.complete:
-    data = sock.recv(65536)
-    if not data:
-        sys.exit("router closed the connection during the handshake")
-    out = hs.receive_data(data)
-    if out:
-        sock.sendall(out)
-print("handshake complete", flush=True)
-chunk = definition_flood(4000, first=1000)  # ~68 KiB, ids 1000..4999
-sent, goal, next_id = 0, int(megabytes * 1e6), 5000
-sock.settimeout(20)
-try:
-    while sent < goal:
-        sock.sendall(chunk)
-        sent += len(chunk)
-        chunk = definition_flood(4000, first=next_id)
-        next_id += 4000
-    # Everything went out: wait to see whether the router hangs up anyway.
-    while sock.recv(65536):
-        pass
-    print("closed after", sent, "bytes", flush=True)
-except (BrokenPipeError, ConnectionResetError):
-    print("closed after", sent, "bytes", flush=True)
-except socket.timeout:
-    print("open after", sent, "bytes", flush=True)
-"""
 
 # A v2 features frame announced as 1 MiB (under the 10 MiB post-handshake limit, far
 # over anything a handshake needs); the body never comes. Prints "closed S" (seconds
@@ -121,10 +82,11 @@ def test_v1_definition_flood_is_cut_off_and_the_router_stays_small(
     time.sleep(1)  # let start-up allocations settle before the baseline
     before = rss_kb(h1)
 
-    out = run_client(h2, h1, V1_FLOOD_CLIENT, client_password, "8")
-    assert "handshake complete" in out, out
-    assert "closed after" in out, f"the router kept a flooding connection open: {out}"
-    sent = int(out.split("closed after")[1].split()[0])
+    out = evil_peer(h2, h1, "--max-version", "1", "--password", client_password, "--nickname", "flooder",
+                    "gob-flood", "--megabytes", "8", timeout=90)
+    assert "connected to" in out, out
+    assert "closed by router after" in out, f"the router kept a flooding connection open: {out}"
+    sent = int(out.split("closed by router after")[1].split()[0])
     # The bound is far below what one read of the socket can hold.
     assert sent < 2_000_000, f"the router read {sent} bytes of definitions before closing: {out}"
 

@@ -8,24 +8,14 @@ The evil peer is `tests.attacks.evil_peer`, run inside a test host's namespace.
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 from router.testbed import Host, Testbed
-from tests.routers import launch, log_text, router_test_marks, wait_for, weave
+from tests.routers import evil_peer, launch, log_text, router_test_marks, wait_for, weave
 from tests.test_mesh_integration import mesh_problems, report, wait_full_mesh
 
 pytestmark = router_test_marks("curl")
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCH_FLAGS = ("--no-fastdp",)  # the data path plays no part here
-
-
-def evil_peer(host: Host, router: Host, attack: str, *args: str, timeout: float = 30) -> str:
-    argv = [sys.executable, "-m", "tests.attacks.evil_peer", router.address, attack, *args]
-    res = host.run(argv, env={"PYTHONPATH": str(REPO)}, timeout=timeout, check=False)
-    assert res.returncode == 0, f"evil peer failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
-    return res.stdout
 
 
 def alive(host: Host) -> bool:

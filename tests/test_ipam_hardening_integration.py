@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.routers import diagnostics, router_test_marks, wait_for
+from tests.routers import router_test_marks, wait_for
 from tests.test_ipam_integration import (
     Bed,
     allocate_many,
@@ -42,15 +42,6 @@ SMALL = ipaddress.IPv4Network("10.45.0.0/27")
 @pytest.fixture
 def bed2() -> Iterator[Bed]:
     yield from make_bed(2, ["--ipalloc-range", str(SMALL), "--ipalloc-init", "consensus"], SMALL)
-
-
-@pytest.fixture
-def show_logs() -> Iterator[Callable[[Bed], None]]:
-    """The routers' logs and IPAM status after the test; pytest shows them only on failure."""
-    beds: list[Bed] = []
-    yield beds.append
-    for bed in beds:
-        print(diagnostics(bed.hosts, lines=80))
 
 
 def _in(ip: str, spans: list[tuple[int, int]]) -> bool:

@@ -340,19 +340,6 @@ def ring4() -> Iterator[Bed]:
     yield from make_bed(4, flags, ipaddress.IPv4Network("10.40.0.0/16"), names=RING4_NAMES)
 
 
-@pytest.fixture
-def show_logs() -> Iterator[Callable[[Bed], None]]:
-    """Print the routers' logs after the test; pytest shows them only if it failed."""
-    beds: list[Bed] = []
-    yield beds.append
-    for bed in beds:
-        print(diagnostics(bed.hosts, lines=80))
-        for h in bed.hosts:
-            if h.netns and os.path.exists(h.netns_path):
-                proc = weave(h, "status", "ipam", check=False, timeout=10)
-                print(f"--- {h.name} status ipam (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
-
-
 # ---------------------------------------------------------------- allocation
 
 

@@ -15,7 +15,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,19 @@ import pytest
 
 from router.peername import format_peer_name, random_peer_name
 from router.testbed import Host, Testbed
-from tests.routers import diagnostics, launch, log_text, router_test_marks, wait_for, weave
+from tests.routers import (
+    diagnostics,
+    evil_peer,
+    launch,
+    log_text,
+    router_test_marks,
+    spawn_evil_peer,
+    wait_for,
+    weave,
+)
 
 pytestmark = router_test_marks()
 
-REPO = Path(__file__).resolve().parents[1]
 POLL = 0.15  # seconds between polls
 CONVERGE = 20.0  # seconds a small mesh may take to form (it takes ~1 s)
 HEARTBEAT = 0.5  # PYWEAVE_HEARTBEAT_INTERVAL for the partition test: read timeout 1 s
@@ -88,27 +96,11 @@ def wait_full_mesh(hosts: list[Host], timeout: float = CONVERGE) -> dict[str, di
     return wait_for(probe, f"a full mesh of {len(hosts)}", timeout, hosts, lambda: "\n".join(last))
 
 
-@pytest.fixture
-def testbed() -> Iterator[Callable[[int], Testbed]]:
-    """Make a test bed of n hosts; it is closed (everything killed) after the test."""
-    beds: list[Testbed] = []
-
-    def make(n: int) -> Testbed:
-        tb = Testbed(n)
-        beds.append(tb)
-        return tb
-
-    yield make
-    for tb in beds:
-        tb.close()
-        assert not tb.cleanup_errors, tb.cleanup_errors
-
-
 # ---------------------------------------------------------------- meshes
 
 
-def test_three_hosts_form_a_full_mesh(testbed: Callable[[int], Testbed]) -> None:
-    tb = testbed(3)
+def test_three_hosts_form_a_full_mesh(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(3)
     h1, h2, h3 = tb.hosts
     launch(h1)
     launch(h2, h1.address)
@@ -133,8 +125,8 @@ def test_three_hosts_form_a_full_mesh(testbed: Callable[[int], Testbed]) -> None
         assert f"({nick})" in peers
 
 
-def test_launch_fails_clearly_and_starts_once_the_cause_is_gone(testbed: Callable[[int], Testbed]) -> None:
-    tb = testbed(1)
+def test_launch_fails_clearly_and_starts_once_the_cause_is_gone(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(1)
     (h1,) = tb.hosts
     bad_flag = weave(h1, "launch", "--no-such-flag", check=False)
     assert "weave router started" not in bad_flag
@@ -163,8 +155,8 @@ def test_launch_fails_clearly_and_starts_once_the_cause_is_gone(testbed: Callabl
     assert "Peers: 1" in weave(h1, "status")
 
 
-def test_five_hosts_in_a_line_become_a_full_mesh(testbed: Callable[[int], Testbed]) -> None:
-    tb = testbed(5)
+def test_five_hosts_in_a_line_become_a_full_mesh(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(5)
     hosts = tb.hosts
     launch(hosts[0])
     for prev, host in zip(hosts, hosts[1:], strict=False):
@@ -180,8 +172,8 @@ def test_five_hosts_in_a_line_become_a_full_mesh(testbed: Callable[[int], Testbe
 # ---------------------------------------------------------------- failures and recovery
 
 
-def test_partition_then_heal(testbed: Callable[[int], Testbed]) -> None:
-    tb = testbed(3)
+def test_partition_then_heal(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(3)
     h1, h2, h3 = tb.hosts
     fast = {"PYWEAVE_HEARTBEAT_INTERVAL": str(HEARTBEAT)}
     launch(h1, env=fast)
@@ -220,8 +212,8 @@ def test_partition_then_heal(testbed: Callable[[int], Testbed]) -> None:
     assert after["host2"]["TerminationCount"] >= 1
 
 
-def test_restarted_router_is_recognised(testbed: Callable[[int], Testbed]) -> None:
-    tb = testbed(3)
+def test_restarted_router_is_recognised(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(3)
     h1, h2, h3 = tb.hosts
     launch(h1)
     launch(h2, h1.address)
@@ -249,8 +241,8 @@ def test_restarted_router_is_recognised(testbed: Callable[[int], Testbed]) -> No
     assert after["host1"]["TerminationCount"] >= 1
 
 
-def test_wrong_password_is_rejected_on_both_sides(testbed: Callable[[int], Testbed]) -> None:
-    tb = testbed(3)
+def test_wrong_password_is_rejected_on_both_sides(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(3)
     h1, h2, h3 = tb.hosts
     launch(h1, "--password", "right-password")
     launch(h2, "--password", "wrong-password", h1.address)
@@ -329,8 +321,8 @@ except ConnectionResetError:
 """
 
 
-def test_garbage_closes_only_that_connection(testbed: Callable[[int], Testbed]) -> None:
-    tb = testbed(3)
+def test_garbage_closes_only_that_connection(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(3)
     h1, h2, h3 = tb.hosts
     launch(h1)
     launch(h2, h1.address)
@@ -342,7 +334,7 @@ def test_garbage_closes_only_that_connection(testbed: Callable[[int], Testbed]) 
         assert out.startswith("closed"), f"{mode}: router kept the connection: {out}"
 
     # A peer that passes the handshake and then sends a garbled gossip message.
-    out = run_fake_peer(h3, h1, "garbage", timeout=20)
+    out = run_fake_peer(h3, h1, "garbage", "garbage-gossip", timeout=20)
     assert "closed by router" in out, out
 
     r1, r2 = report(h1), report(h2)
@@ -360,8 +352,8 @@ def test_garbage_closes_only_that_connection(testbed: Callable[[int], Testbed]) 
     assert "Connections: 1 (1 established)" in weave(h1, "status")
 
 
-def test_peers_vanishing_mid_send_do_not_take_the_router_down(testbed: Callable[[int], Testbed]) -> None:
-    tb = testbed(3)
+def test_peers_vanishing_mid_send_do_not_take_the_router_down(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(3)
     h1, h2, h3 = tb.hosts
     launch(h1)
     launch(h2, h1.address)
@@ -387,8 +379,8 @@ def _connection_counts(rep: dict[str, Any]) -> int:
     return max(established, len(established_to(rep, own_name(rep))))
 
 
-def test_connection_limit_holds(testbed: Callable[[int], Testbed]) -> None:
-    tb = testbed(5)
+def test_connection_limit_holds(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(5)
     h1, h2, h3, h4, h5 = tb.hosts
     # host1 accepts one connection though three routers dial it.
     launch(h1, "--conn-limit", "1")
@@ -433,125 +425,20 @@ def test_connection_limit_holds(testbed: Callable[[int], Testbed]) -> None:
 # ---------------------------------------------------------------- unknown gossip channels
 
 
-# A fake peer: does the real handshake with the router at argv[1], announces itself in
-# topology gossip (a connection to the router), sends heartbeats, and prints every
-# message it receives on CHANNEL as a JSON line. Modes:
-#   recv    - just listen;
-#   send    - wait for the file argv[5], then send a broadcast, a unicast to the peer
-#             named argv[6] and gossip (one payload twice, then another);
-#   garbage - send a gossip message whose body is not gob, report whether it was closed;
-#   reset   - reset the connection (RST) straight after the handshake.
-FAKE_PEER = r"""
-import json, os, secrets, socket, struct, sys, threading, time
-from router.handshake import Handshake, PeerIdentity
-from router.peername import format_peer_name, parse_peer_name
-from router.protocol import GossipMessage, Tag, decode_gossip, encode_gossip, encode_message
-from router.topology import ConnectionSummary, PeerSummary, encode_topology
-
-router_addr, name_text, nickname, mode = sys.argv[1:5]
+# The fake peers are `tests.attacks.evil_peer` (real handshake, topology gossip with a
+# link to the router): `listen` keeps the connection up and prints each message it
+# receives on CHANNEL as a JSON line, `garbage-gossip` sends a gossip body that is not
+# gob (nickname fake-garbage), `reset` resets the connection (RST) straight after the handshake.
 CHANNEL = "nosuchchannel"
-name = parse_peer_name(name_text)
-uid = secrets.randbits(63) + 1
-sock = socket.create_connection((router_addr, 6783), timeout=10)
-hs = Handshake(outbound=True, local=PeerIdentity(name, nickname, uid),
-               conn_id=secrets.randbits(64), overlays=("sleeve",))
-sock.sendall(hs.initiate())
-while not hs.complete:
-    data = sock.recv(65536)
-    if not data:
-        sys.exit("router closed the connection during the handshake")
-    out = hs.receive_data(data)
-    if out:
-        sock.sendall(out)
-codec = hs.codec
-router_name = hs.remote.name
-lock = threading.Lock()
-
-def send(tag, body=b""):
-    with lock:
-        sock.sendall(codec.encode_frame(encode_message(tag, body)))
-
-def gossip(tag, payload, channel=CHANNEL, src=name, dst=None):
-    send(tag, encode_gossip(GossipMessage(tag, channel, src, payload, dst)))
-
-me = PeerSummary(name, nickname, uid, 1)
-link = ConnectionSummary(router_name, f"{router_addr}:6783", True, True)
-gossip(Tag.GOSSIP, encode_topology([(me, [link])]), channel="topology")
-print("connected to", format_peer_name(router_name), flush=True)
-
-if mode == "reset":
-    # Vanish at once with a TCP RST, while the router is still sending its topology.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-    sys.exit(0)
-
-if mode == "garbage":
-    send(Tag.GOSSIP, b"\xff\xfe this is not a gob stream")
-    sock.settimeout(10)
-    try:
-        while sock.recv(65536):
-            pass
-        print("closed by router", flush=True)
-    except OSError as e:
-        print("closed by router", repr(e), flush=True)
-    sys.exit(0)
-
-def heartbeats():
-    while True:
-        time.sleep(0.5)
-        send(Tag.HEARTBEAT)
-
-threading.Thread(target=heartbeats, daemon=True).start()
-
-def reader():
-    sock.settimeout(None)
-    for frame in codec.feed(b""):
-        handle(frame)
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            print("router closed the connection", flush=True)
-            os._exit(1)
-        for frame in codec.feed(data):
-            handle(frame)
-
-def handle(frame):
-    if not frame or frame[0] not in (Tag.GOSSIP, Tag.GOSSIP_UNICAST, Tag.GOSSIP_BROADCAST):
-        return
-    msg = decode_gossip(frame[0], frame[1:])
-    if msg.channel == CHANNEL:
-        print(json.dumps({"tag": int(msg.tag), "src": format_peer_name(msg.src),
-                          "dst": None if msg.dst is None else format_peer_name(msg.dst),
-                          "payload": msg.payload.decode()}), flush=True)
-
-if mode == "send":
-    trigger, other = sys.argv[5], parse_peer_name(sys.argv[6])
-    threading.Thread(target=reader, daemon=True).start()
-    while not os.path.exists(trigger):
-        time.sleep(0.05)
-    gossip(Tag.GOSSIP_BROADCAST, b"broadcast-1")
-    gossip(Tag.GOSSIP_UNICAST, b"unicast-1", dst=other)
-    gossip(Tag.GOSSIP, b"gossip-1")
-    gossip(Tag.GOSSIP, b"gossip-1")
-    gossip(Tag.GOSSIP, b"gossip-2")
-    print("sent", flush=True)
-    while True:
-        time.sleep(1)
-else:
-    reader()
-"""
 
 
-def run_fake_peer(host: Host, router: Host, mode: str, timeout: float = 20) -> str:
-    name = format_peer_name(random_peer_name())
-    argv = [sys.executable, "-c", FAKE_PEER, router.address, name, f"fake-{mode}", mode]
-    return host.run(argv, env={"PYTHONPATH": str(REPO)}, timeout=timeout).stdout
+def run_fake_peer(host: Host, router: Host, mode: str, attack: str = "", timeout: float = 20) -> str:
+    return evil_peer(host, router, "--nickname", f"fake-{mode}", attack or mode, timeout=timeout)
 
 
-def spawn_fake_peer(host: Host, router: Host, mode: str, name: str, *extra: str) -> Path:
-    argv = [sys.executable, "-c", FAKE_PEER, router.address, name, f"fake-{mode}", mode, *extra]
-    host.spawn(argv, f"fake-{mode}", env={"PYTHONPATH": str(REPO)})
-    return host.log_path(f"fake-{mode}")
+def spawn_fake_peer(host: Host, router: Host, mode: str, name: str, *args: str) -> Path:
+    return spawn_evil_peer(host, router, f"fake-{mode}", "--name", name, "--nickname", f"fake-{mode}",
+                           "listen", "--channel", CHANNEL, *args)
 
 
 def _messages(path: Path) -> list[dict[str, Any]]:
@@ -560,8 +447,8 @@ def _messages(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
 
 
-def test_unknown_gossip_channel_is_relayed(testbed: Callable[[int], Testbed]) -> None:
-    tb = testbed(4)
+def test_unknown_gossip_channel_is_relayed(make_testbed: Callable[[int], Testbed]) -> None:
+    tb = make_testbed(4)
     h1, h2, fake_host_a, fake_host_b = tb.hosts
     launch(h1)
     launch(h2, h1.address)
@@ -572,7 +459,9 @@ def test_unknown_gossip_channel_is_relayed(testbed: Callable[[int], Testbed]) ->
     name_b = format_peer_name(random_peer_name())
     trigger = tb.state_root / f"go-{secrets.token_hex(4)}"
     log_b = spawn_fake_peer(fake_host_b, h2, "recv", name_b)
-    log_a = spawn_fake_peer(fake_host_a, h1, "send", name_a, str(trigger), name_b)
+    sends = ("broadcast:broadcast-1", "unicast:unicast-1", "gossip:gossip-1", "gossip:gossip-1", "gossip:gossip-2")
+    log_a = spawn_fake_peer(fake_host_a, h1, "send", name_a, "--trigger", str(trigger), "--to", name_b,
+                            *(arg for spec in sends for arg in ("--send", spec)))
 
     # Wait until both routers have both fake peers (and their links) in their topology,
     # so the broadcast tree and unicast routes through host1 -> host2 exist.

@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from router.peername import format_peer_name, random_peer_name
 from router.surrogate import MAX_CHANNELS_PER_CONNECTION
 from router.testbed import Host, Testbed
-from tests.routers import launch, log_text, router_test_marks, wait_for
+from tests.routers import launch, log_text, router_test_marks, spawn_evil_peer, wait_for
 from tests.test_mesh_integration import (
     established_to,
     own_name,
@@ -36,110 +33,18 @@ from tests.test_mesh_integration import (
 
 pytestmark = router_test_marks()
 
-REPO = Path(__file__).resolve().parents[1]
 FLOOD = 70
 HONEST_CHANNEL = "weave-app"
 
-# argv: router address, our peer name, nickname, mode, then per mode:
-#   flood  - wait for the file argv[6], then gossip once on each of argv[5] made-up channels;
-#   honest - wait for the file argv[5], then gossip on channel argv[6].
-# Both keep the connection up (heartbeats) and print one JSON line per gossip message
-# received on a channel other than "topology", and "router closed the connection" if it is.
-FAKE_PEER = r"""
-import json, os, secrets, socket, sys, threading, time
-from router.handshake import Handshake, PeerIdentity
-from router.peername import format_peer_name, parse_peer_name
-from router.protocol import GossipMessage, Tag, decode_gossip, encode_gossip, encode_message
-from router.topology import ConnectionSummary, PeerSummary, encode_topology
-
-router_addr, name_text, nickname, mode = sys.argv[1:5]
-name = parse_peer_name(name_text)
-uid = secrets.randbits(63) + 1
-sock = socket.create_connection((router_addr, 6783), timeout=10)
-hs = Handshake(outbound=True, local=PeerIdentity(name, nickname, uid),
-               conn_id=secrets.randbits(64), overlays=("sleeve",))
-sock.sendall(hs.initiate())
-while not hs.complete:
-    data = sock.recv(65536)
-    if not data:
-        sys.exit("router closed the connection during the handshake")
-    out = hs.receive_data(data)
-    if out:
-        sock.sendall(out)
-codec = hs.codec
-router_name = hs.remote.name
-lock = threading.Lock()
-
-def send(tag, body=b""):
-    with lock:
-        sock.sendall(codec.encode_frame(encode_message(tag, body)))
-
-def gossip(channel, payload):
-    send(Tag.GOSSIP, encode_gossip(GossipMessage(Tag.GOSSIP, channel, name, payload)))
-
-me = PeerSummary(name, nickname, uid, 1)
-link = ConnectionSummary(router_name, f"{router_addr}:6783", True, True)
-gossip("topology", encode_topology([(me, [link])]))
-
-def heartbeats():
-    while True:
-        time.sleep(0.5)
-        send(Tag.HEARTBEAT)
-
-def reader():
-    sock.settimeout(None)
-    frames = list(codec.feed(b""))
-    while True:
-        for frame in frames:
-            if frame and frame[0] in (Tag.GOSSIP, Tag.GOSSIP_UNICAST, Tag.GOSSIP_BROADCAST):
-                msg = decode_gossip(frame[0], frame[1:])
-                if msg.channel != "topology":
-                    print(json.dumps({"channel": msg.channel, "src": format_peer_name(msg.src),
-                                      "payload": msg.payload.decode(errors="replace")}), flush=True)
-        data = sock.recv(65536)
-        if not data:
-            print("router closed the connection", flush=True)
-            os._exit(1)
-        frames = list(codec.feed(data))
-
-threading.Thread(target=heartbeats, daemon=True).start()
-threading.Thread(target=reader, daemon=True).start()
-print("connected to", format_peer_name(router_name), flush=True)
-if mode == "flood":
-    while not os.path.exists(sys.argv[6]):
-        time.sleep(0.05)
-    for i in range(int(sys.argv[5])):
-        gossip(f"made-up-{i}-{secrets.token_hex(4)}", b"junk")
-    print("flooded", flush=True)
-else:
-    while not os.path.exists(sys.argv[5]):
-        time.sleep(0.05)
-    gossip(sys.argv[6], b"honest-1")
-    print("sent", flush=True)
-while True:
-    time.sleep(1)
-"""
+# The fake peers are `tests.attacks.evil_peer listen`: each keeps its connection up,
+# prints one JSON line per gossip message it receives on a channel other than
+# "topology" (and "closed by router" if the router hangs up), and once its trigger file
+# exists sends its traffic (the stranger: FLOOD made-up channels) and prints "sent".
 
 
-@pytest.fixture
-def testbed() -> Iterator[Callable[[int], Testbed]]:
-    beds: list[Testbed] = []
-
-    def make(n: int) -> Testbed:
-        tb = Testbed(n)
-        beds.append(tb)
-        return tb
-
-    yield make
-    for tb in beds:
-        tb.close()
-        assert not tb.cleanup_errors, tb.cleanup_errors
-
-
-def spawn_fake_peer(host: Host, router: Host, mode: str, name: str, *extra: str) -> Path:
-    argv = [sys.executable, "-c", FAKE_PEER, router.address, name, f"fake-{mode}", mode, *extra]
-    host.spawn(argv, f"fake-{mode}", env={"PYTHONPATH": str(REPO)})
-    return host.log_path(f"fake-{mode}")
+def spawn_fake_peer(host: Host, router: Host, mode: str, name: str, trigger: Path, *args: str) -> Path:
+    return spawn_evil_peer(host, router, f"fake-{mode}", "--name", name, "--nickname", f"fake-{mode}",
+                           "listen", "--trigger", str(trigger), *args)
 
 
 def lines(path: Path) -> list[str]:
@@ -158,9 +63,9 @@ def messages(path: Path) -> list[dict[str, Any]]:
 
 
 def test_a_stranger_flooding_channel_names_costs_no_honest_peer_its_connection(
-    testbed: Callable[[int], Testbed],
+    make_testbed: Callable[[int], Testbed],
 ) -> None:
-    tb = testbed(4)
+    tb = make_testbed(4)
     h1, h2, stranger_host, honest_host = tb.hosts
     launch(h1)
     launch(h2, h1.address)
@@ -170,8 +75,9 @@ def test_a_stranger_flooding_channel_names_costs_no_honest_peer_its_connection(
     honest = format_peer_name(random_peer_name())
     flood_trigger = tb.state_root / f"flood-{secrets.token_hex(4)}"
     trigger = tb.state_root / f"go-{secrets.token_hex(4)}"
-    honest_log = spawn_fake_peer(honest_host, h2, "honest", honest, str(trigger), HONEST_CHANNEL)
-    stranger_log = spawn_fake_peer(stranger_host, h1, "flood", stranger, str(FLOOD), str(flood_trigger))
+    honest_log = spawn_fake_peer(honest_host, h2, "honest", honest, trigger, "--send", "gossip:honest-1",
+                                 "--on", HONEST_CHANNEL)
+    stranger_log = spawn_fake_peer(stranger_host, h1, "flood", stranger, flood_trigger, "--flood", str(FLOOD))
     dump = lambda: f"stranger: {stranger_log.read_text()}\nhonest: {honest_log.read_text()}"  # noqa: E731
 
     def all_known() -> bool:
@@ -186,25 +92,26 @@ def test_a_stranger_flooding_channel_names_costs_no_honest_peer_its_connection(
     def flooded() -> bool:
         # The stranger's channels that host1 passed on have reached the honest peer.
         made_up = [m for m in messages(honest_log) if m["channel"].startswith("made-up-")]
-        return "flooded" in lines(stranger_log) and len(made_up) >= MAX_CHANNELS_PER_CONNECTION
+        return "sent" in lines(stranger_log) and len(made_up) >= MAX_CHANNELS_PER_CONNECTION
 
     wait_for(flooded, "the stranger's flood to reach the honest peer", 15, tb.hosts, dump)
     trigger.touch()
 
     def honest_relayed_or_closed() -> bool:
-        return "router closed the connection" in lines(honest_log) or any(
+        return "closed by router" in lines(honest_log) or any(
             m["channel"] == HONEST_CHANNEL for m in messages(stranger_log)
         )
 
     wait_for(honest_relayed_or_closed, "the honest channel to cross both routers", 15, [h1, h2], dump)
-    assert "router closed the connection" not in lines(honest_log), dump()
+    assert "closed by router" not in lines(honest_log), dump()
     (relayed,) = [m for m in messages(stranger_log) if m["channel"] == HONEST_CHANNEL]
-    assert relayed == {"channel": HONEST_CHANNEL, "src": n1, "payload": "honest-1"}
+    assert {k: relayed[k] for k in ("channel", "src", "payload")} == {
+        "channel": HONEST_CHANNEL, "src": n1, "payload": "honest-1"}
     # Beyond its budget, the stranger's gossip was dropped and counted.
     rejected = 'pyweave_inputs_rejected_total{component="gossip",reason="unknown_channel_limit"}'
     assert weave_metrics(h1).get(rejected) == FLOOD - MAX_CHANNELS_PER_CONNECTION
     # Nobody was disconnected: not the honest peer, not the routers, not even the stranger.
-    assert "router closed the connection" not in lines(honest_log) + lines(stranger_log), dump()
+    assert "closed by router" not in lines(honest_log) + lines(stranger_log), dump()
     r1, r2 = report(h1), report(h2)
     assert n2 in established_to(r1, n1) and n1 in established_to(r2, n2)
     assert established_to(r1, stranger) == {n1} and stranger in connected_to(r1, n1)

@@ -15,13 +15,25 @@ Attacks:
     flood-channels --count N            gossip once on each of N made-up channel names
     gob-flood --megabytes M             (with --max-version 1) gob type definitions in a
                                         loop, as long as the router reads them
+    garbage-gossip                      a gossip message whose body is not gob
+    reset                               a TCP RST straight after announcing ourselves
+    listen [--channel C] [--trigger F] [--flood N] [--send KIND:PAYLOAD...] [--on O] [--to NAME]
+                                        stay connected, print one JSON line per gossip
+                                        message received (on C, or on any channel but
+                                        topology); once file F exists gossip on N made-up
+                                        channels and/or send each KIND (gossip, broadcast,
+                                        unicast to NAME) message on O (default C), then
+                                        print ``sent``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import secrets
 import socket
+import struct
 import sys
 import threading
 import time
@@ -30,7 +42,7 @@ from dataclasses import dataclass, field
 
 from router.handshake import Handshake, PeerIdentity
 from router.peername import format_peer_name, parse_peer_name, random_peer_name
-from router.protocol import GossipMessage, Tag, encode_gossip, encode_message
+from router.protocol import GossipMessage, Tag, decode_gossip, encode_gossip, encode_message
 from router.topology import ConnectionSummary, PeerSummary, encode_topology
 
 
@@ -61,6 +73,11 @@ class Session:
     def link_to_router(self) -> ConnectionSummary:
         """Our (honest) entry for the connection we have to the router."""
         return ConnectionSummary(self.router_name, f"{self.router_address}:{self.router_port}", True, True)
+
+    def announce(self, *extra: ConnectionSummary) -> None:
+        """Topology gossip: us, with our link to the router and `extra` connections."""
+        me = PeerSummary(self.name, self.nickname, self.uid, 1)
+        self.gossip("topology", encode_topology([(me, [self.link_to_router(), *extra])]))
 
     def heartbeats(self, interval: float = 0.5) -> None:
         """Keep the connection alive from a thread (the router drops silent ones)."""
@@ -134,12 +151,9 @@ def _poison_options(p: argparse.ArgumentParser) -> None:
 def poison_topology(session: Session, opts: argparse.Namespace) -> None:
     """Issue 12 defect 1: every router that learns of a connection dials its address;
     one that getaddrinfo cannot even encode (a 64-character label) killed them all."""
-    conns = [session.link_to_router()]
-    for address in opts.address:
-        conns.append(ConnectionSummary(random_peer_name(), address, not opts.inbound, True))
-    me = PeerSummary(session.name, session.nickname, session.uid, 1)
+    made_up = [ConnectionSummary(random_peer_name(), address, not opts.inbound, True) for address in opts.address]
     session.heartbeats()
-    session.gossip("topology", encode_topology([(me, conns)]))
+    session.announce(*made_up)
     print("sent", flush=True)
     if not session.hold(opts.hold):
         print("closed by router", flush=True)
@@ -154,9 +168,8 @@ def _flood_options(p: argparse.ArgumentParser) -> None:
 def flood_channels(session: Session, opts: argparse.Namespace) -> None:
     """Issue 12 defect 3: made-up channel names used to fill the router's one table of
     unknown channels for good, and then it closed honest peers relaying new ones."""
-    me = PeerSummary(session.name, session.nickname, session.uid, 1)
     session.heartbeats()
-    session.gossip("topology", encode_topology([(me, [session.link_to_router()])]))
+    session.announce()
     for i in range(opts.count):
         session.gossip(f"made-up-{i}-{secrets.token_hex(4)}", b"junk")
     print("sent", flush=True)
@@ -189,6 +202,92 @@ def gob_flood(session: Session, opts: argparse.Namespace) -> None:
         print("closed by router after", sent, "bytes", flush=True)
     except TimeoutError:
         print("open after", sent, "bytes", flush=True)
+
+
+@attack("garbage-gossip", lambda p: p.add_argument("--hold", type=float, default=10.0))
+def garbage_gossip(session: Session, opts: argparse.Namespace) -> None:
+    """A gossip message that is no gob stream: the router closes this connection only."""
+    session.announce()
+    session.send(Tag.GOSSIP, b"\xff\xfe this is not a gob stream")
+    print("sent", flush=True)
+    if not session.hold(opts.hold):
+        print("closed by router", flush=True)
+
+
+@attack("reset")
+def reset(session: Session, opts: argparse.Namespace) -> None:
+    """Vanish with a TCP RST while the router is still sending us its topology."""
+    session.announce()
+    session.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    session.sock.close()
+
+
+GOSSIP_TAGS = {"gossip": Tag.GOSSIP, "broadcast": Tag.GOSSIP_BROADCAST, "unicast": Tag.GOSSIP_UNICAST}
+
+
+def print_gossip(session: Session, channel: str | None) -> None:
+    """Print each gossip message received (on `channel`, or on any but topology) as a JSON
+    line, until the router hangs up; then print ``closed by router`` and end the process."""
+    session.sock.settimeout(None)
+    frames = list(session.hs.codec.feed(b""))
+    while True:
+        for frame in frames:
+            if not frame or frame[0] not in GOSSIP_TAGS.values():
+                continue
+            msg = decode_gossip(frame[0], frame[1:])
+            if msg.channel == channel or (channel is None and msg.channel != "topology"):
+                print(json.dumps({"tag": int(msg.tag), "channel": msg.channel, "src": format_peer_name(msg.src),
+                                  "dst": None if msg.dst is None else format_peer_name(msg.dst),
+                                  "payload": msg.payload.decode(errors="replace")}), flush=True)
+        try:
+            data = session.sock.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            print("closed by router", flush=True)
+            os._exit(1)
+        frames = list(session.hs.codec.feed(data))
+
+
+def _send_spec(text: str) -> tuple[Tag, bytes]:
+    kind, sep, payload = text.partition(":")
+    if not sep or kind not in GOSSIP_TAGS:
+        raise argparse.ArgumentTypeError(f"not KIND:PAYLOAD with KIND one of {', '.join(GOSSIP_TAGS)}: {text!r}")
+    return GOSSIP_TAGS[kind], payload.encode()
+
+
+def _listen_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--channel", help="print messages on this channel only (default: all but topology)")
+    p.add_argument("--on", help="the channel to --send on (default: --channel)")
+    p.add_argument("--trigger", help="a file: send nothing until it exists")
+    p.add_argument("--flood", type=int, default=0, help="made-up channel names to gossip on, once triggered")
+    p.add_argument("--send", type=_send_spec, action="append", default=[], metavar="KIND:PAYLOAD",
+                   help="a message to send on --on once triggered (repeatable, in order)")
+    p.add_argument("--to", default="", help="the destination peer of unicast messages")
+
+
+@attack("listen", _listen_options)
+def listen(session: Session, opts: argparse.Namespace) -> None:
+    """A peer that stays up and shows what is relayed to it: for tests of gossip relay
+    (issue 3) and of one peer's made-up channels costing others nothing (issue 12, defect 3)."""
+    send_on = opts.on or opts.channel
+    if opts.send and send_on is None:
+        raise SystemExit("--send needs --on or --channel")
+    dst = parse_peer_name(opts.to) if opts.to else None
+    session.announce()
+    session.heartbeats()
+    threading.Thread(target=print_gossip, args=(session, opts.channel), daemon=True).start()
+    if opts.trigger:
+        while not os.path.exists(opts.trigger):
+            time.sleep(0.05)
+    for i in range(opts.flood):
+        session.gossip(f"made-up-{i}-{secrets.token_hex(4)}", b"junk")
+    for tag, payload in opts.send:
+        session.gossip(send_on, payload, tag, dst if tag == Tag.GOSSIP_UNICAST else None)
+    if opts.flood or opts.send:
+        print("sent", flush=True)
+    while True:
+        time.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> int:
