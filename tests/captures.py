@@ -1,4 +1,4 @@
-"""Read the real Weave Net 2.8 captures in ../shared/reference/captures.
+"""Read the real Weave Net 2.8 captures in tests/data/captures.
 
 TCP streams are reassembled by sequence number (the captures are loss-free but
 segments can repeat); UDP payloads are returned in capture order.
@@ -12,22 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dpkt
-import pytest
 
-CAPTURE_DIR = Path(
-    os.environ.get(
-        "PYWEAVE_CAPTURES",
-        Path(__file__).resolve().parents[2] / "shared" / "reference" / "captures",
-    )
-)
+# Copies of ../shared/reference/captures (tests/data/captures/README.md says where they
+# came from); PYWEAVE_CAPTURES points elsewhere, e.g. at newer captures.
+CAPTURE_DIR = Path(os.environ.get("PYWEAVE_CAPTURES", Path(__file__).resolve().parent / "data" / "captures"))
 
 
 def capture_path(name: str) -> Path:
+    """A golden file: it ships with the tests, so a missing one is a failure, never a skip."""
     path = CAPTURE_DIR / name
     if not path.exists():
-        if os.environ.get("CI"):
-            raise FileNotFoundError(f"golden capture {path} is missing (shared/ must sit beside the repo)")
-        pytest.skip(f"golden capture {path} not available")
+        raise FileNotFoundError(f"golden capture {path} is missing (it belongs in tests/data/captures)")
     return path
 
 

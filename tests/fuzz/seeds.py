@@ -29,7 +29,7 @@ from tests import golden
 def _capture_dir() -> Path | None:
     env = os.environ.get("PYWEAVE_CAPTURES")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "reference" / "captures")
+    candidates.append(Path(__file__).resolve().parents[1] / "data" / "captures")
     for path in candidates:
         if (path / "plain-startup.pcap").exists():
             return path
