@@ -93,7 +93,14 @@ class BodyLimit:
     async def _refuse(scope: Scope, receive: Receive, send: Send, status_code: int, reason: str) -> None:
         ratelog.reject(log, "api", f"body_{status_code}", "refusing %s %s: %s",
                        scope.get("method"), scope.get("path"), reason)
-        await PlainTextResponse(reason + "\n", status_code=status_code)(scope, receive, send)
+        response = PlainTextResponse(reason + "\n", status_code=status_code, headers={"Connection": "close"})
+        try:
+            await response(scope, receive, send)
+        except (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client kept sending the body we refused: hypercorn's reading task then
+            # answers the protocol error on the same stream while this one sends (trio
+            # refuses two senders). The connection is going away either way.
+            ratelog.count("api", "refused_client_kept_sending")
 
 
 class MeshCollector:

@@ -89,3 +89,8 @@ def reject(logger: logging.Logger, component: str, reason: str, msg: str, *args:
            level: int = logging.WARNING) -> bool:
     """:meth:`RateLimitedLog.reject` on the process's log (see module docstring)."""
     return REJECTS.reject(logger, component, reason, msg, *args, level=level)
+
+
+def count(component: str, reason: str) -> None:
+    """:meth:`RateLimitedLog.count` on the process's log."""
+    REJECTS.count(component, reason)

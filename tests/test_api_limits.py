@@ -97,3 +97,24 @@ def test_templates_print_like_go(fmt: str, expected: str) -> None:
 def test_go_text_of_a_map_sorts_its_keys() -> None:
     assert _go_text({"b": 1, "a": True}, "Attrs") == "map[a:true b:1]"
     assert _go_text(None, "Sleeve") == "<nil>"
+
+
+async def test_a_refusal_the_client_talks_over_is_counted_not_raised() -> None:
+    """Hypercorn answers a client that keeps sending a refused body from its reading task,
+    on the same stream: trio refuses the second sender (BusyResourceError), which used to
+    reach hypercorn as an application error with a traceback in the router's log."""
+    import trio
+
+    from router import ratelog
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            raise trio.BusyResourceError("another task is currently sending data on this SocketStream")
+
+    before = ratelog.REJECTS.snapshot().get(("api", "refused_client_kept_sending"), 0)
+    scope = {"type": "http", "method": "POST", "path": "/connect", "headers": []}
+    await BodyLimit._refuse(scope, receive, send, 413, "request body over 1048576 bytes")
+    assert ratelog.REJECTS.snapshot()[("api", "refused_client_kept_sending")] == before + 1
