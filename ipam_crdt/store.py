@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 DB_FILE = "ipam.sqlite3"
 PEERNAME_FILE = "peername"
-DEFAULT_WEAVE_DB = "/var/lib/weave/weavedata.db"
 # meta key: the sha256 of the Weave file this store was made from, so a relaunch with the
 # same --migrate-from-weave is recognised and does nothing.
 IMPORT_KEY = "weave_import"

@@ -35,6 +35,8 @@ from ipam_crdt.weavedb import (
     WeaveState,
     parse_weave_db,
 )
+from router import config as router_config
+from router.config import ConfigError, parse_args
 from router.gob import UINT, Encoder
 from router.peername import format_peer_name, parse_peer_name
 from tests.test_boltdb import CAPTURES, PAGE, database, inline_bucket, leaf_page
@@ -357,3 +359,37 @@ def test_import_marker_is_the_files_digest(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "s2")
     assert store.imported_from() == hashlib.sha256(real("h2")).hexdigest()
     store.close()
+
+
+# ------------------------------------------------------------ weave launch --migrate-from-weave
+
+
+def test_launch_flag_imports_before_the_peer_name_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state_dir = tmp_path / "state"
+    monkeypatch.setenv("WEAVE_STATE_DIR", str(state_dir))
+    source = weave_file(tmp_path)
+    argv = [f"--migrate-from-weave={source}", "--ipalloc-range", "10.40.0.0/16"]
+    cfg = parse_args(argv)
+    assert (cfg.name, cfg.migrate_from_weave) == (WV1, source)
+    store = SqliteStore(state_dir)
+    assert store.load(WV1, UNIVERSE.range()) is not None
+    store.close()
+    # The daemon parses the same line again: the same import, nothing done.
+    assert parse_args(argv).name == WV1
+    # Without the flag, the imported name stays.
+    assert parse_args(["--ipalloc-range", "10.40.0.0/16"]).name == WV1
+
+
+def test_launch_flag_without_path_and_its_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEAVE_STATE_DIR", str(tmp_path / "state"))
+    source = weave_file(tmp_path)
+    monkeypatch.setattr(router_config, "DEFAULT_WEAVE_DB", str(source))
+    # Bare, the default path; a word after it is a peer, not the path.
+    cfg = parse_args(["--migrate-from-weave", "--ipalloc-range=10.40.0.0/16", "10.0.0.5"])
+    assert cfg.migrate_from_weave == source and cfg.name == WV1 and cfg.peers == ["10.0.0.5:6783"]
+    with pytest.raises(ConfigError, match="--migrate-from-weave: .*--ipalloc-range 10.40.0.0/16"):
+        parse_args(["--migrate-from-weave"], "weave launch")  # the default range, 10.32.0.0/12
+    with pytest.raises(ConfigError, match="--migrate-from-weave: .*cannot open"):
+        parse_args([f"--migrate-from-weave={tmp_path / 'none.db'}", "--ipalloc-range=10.40.0.0/16"])
