@@ -462,7 +462,7 @@ def import_weave_state(
                 )
             if have_name is None:
                 _write_peer_name_file(name_file, state.peer_name)
-            log.info("Weave's state was already imported into %s; leaving it as it is", directory)
+            log.info("%s already holds the state imported from this Weave database; nothing to do", directory)
             return MigrationResult(state.peer_name, False, len(state.owned))
         if marked is not None:
             raise MigrationError(

@@ -7,7 +7,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -39,9 +41,19 @@ from router import config as router_config
 from router.config import ConfigError, parse_args
 from router.gob import UINT, Encoder
 from router.peername import format_peer_name, parse_peer_name
+from router.testbed import Testbed
+from tests.routers import launch, log_text, router_test_marks, wait_for, weave
 from tests.test_boltdb import CAPTURES, PAGE, database, inline_bucket, leaf_page
 
 UNIVERSE = CIDR.parse("10.40.0.0/16")
+
+
+def router_marks(fn: Callable[..., None]) -> Callable[..., None]:
+    for mark in router_test_marks():
+        fn = mark(fn)
+    return fn
+
+
 WV1, WV2 = 0x029900000001, 0x029900000002
 # The allocations made on each router (the README's table).
 OWNED = {
@@ -393,3 +405,39 @@ def test_launch_flag_without_path_and_its_errors(tmp_path: Path, monkeypatch: py
         parse_args(["--migrate-from-weave"], "weave launch")  # the default range, 10.32.0.0/12
     with pytest.raises(ConfigError, match="--migrate-from-weave: .*cannot open"):
         parse_args([f"--migrate-from-weave={tmp_path / 'none.db'}", "--ipalloc-range=10.40.0.0/16"])
+
+
+@router_marks
+def test_routers_launched_on_weaves_files(
+    tmp_path: Path, make_testbed: Callable[[int], Testbed], show_logs: Callable[[Any], None]
+) -> None:
+    """Two routers take over the two Weave routers' state: their names, the ring, and the
+    addresses, which they keep and do not hand out again; their rings merge cleanly."""
+    from tests.test_ipam_integration import http
+
+    tb = make_testbed(2)
+    show_logs(tb)
+    h1, h2 = tb.hosts
+    for host, other, name in ((h1, h2, "h1"), (h2, h1, "h2")):
+        (tmp_path / name).mkdir()
+        source = weave_file(tmp_path / name, name)
+        launch(host, f"--migrate-from-weave={source}", "--ipalloc-range", "10.40.0.0/16", other.address)
+    assert parse_peer_name((h1.state_dir / "peername").read_text()) == WV1
+    assert parse_peer_name((h2.state_dir / "peername").read_text()) == WV2
+    for host, name in ((h1, "h1"), (h2, "h2")):
+        answers = http(host, *(("GET", f"/ip/{ident}") for ident in OWNED[name]))
+        assert [body.strip() for _status, body in answers] == list(OWNED[name].values())
+    wait_for(
+        lambda: "established" in weave(h1, "status", "connections", check=False, timeout=10),
+        "h1 connected to h2",
+        hosts=tb.hosts,
+    )
+    taken = {a for owned in OWNED.values() for a in owned.values()}
+    (status, new1), (_status, again) = http(h1, ("POST", "/ip/c7"), ("POST", "/ip/c1"))
+    assert status == 200 and new1.strip() not in taken and again.strip() == "10.40.0.1/16"
+    ((status, new2),) = http(h2, ("POST", "/ip/c8"))
+    assert status == 200 and new2.strip() not in taken | {new1.strip()}
+    assert parse_ip(new2.split("/")[0]) >= parse_ip("10.40.128.0")  # h2's own range
+    for host in (h1, h2):
+        log = log_text(host)
+        assert "Deleting persisted data" not in log and "Traceback" not in log, log
