@@ -158,8 +158,8 @@ def _choose_meta(data: bytes) -> Meta:
         if meta1.page_size == size:
             metas.append(meta1)
             break
-        errors.append(BoltError(Reason.BAD_PAGE_SIZE, f"meta page 1 at offset {size} says page size "
-                                f"{meta1.page_size}"))  # fmt: skip
+        wrong = f"meta page 1 at offset {size} says page size {meta1.page_size}"
+        errors.append(BoltError(Reason.BAD_PAGE_SIZE, wrong))
     if not metas:
         raise errors[0]
     if len({m.page_size for m in metas}) > 1:
