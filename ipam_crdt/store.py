@@ -11,25 +11,38 @@ network.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import logging
+import os
 import sqlite3
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from ipam_crdt.address import CIDR, Range
+from ipam_crdt.boltdb import MAX_FILE_BYTES
 from ipam_crdt.errors import IPAMError, StoreError
 from ipam_crdt.naming import peer_str
 from ipam_crdt.ring import Ring
+from ipam_crdt.weavedb import WeaveDBError, WeaveState, parse_weave_db
 from ipam_crdt.wire import RingData, decode_ring, encode_ring
 from router.errors import WireError
+from router.peername import format_peer_name, parse_peer_name
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "ipam.sqlite3"
+PEERNAME_FILE = "peername"
+# meta key: the sha256 of the Weave file this store was made from, so a relaunch with the
+# same --migrate-from-weave is recognised and does nothing.
+IMPORT_KEY = "weave_import"
 SCHEMA_VERSION = 1
 SQLITE_HEADER = b"SQLite format 3\x00"
+MAX_WEAVE_DB_BYTES = MAX_FILE_BYTES
 # Our tables and their columns, in order: anything else is somebody else's file.
 _TABLES = {"meta": ("key", "value"), "owned": ("ident", "is_container", "cidrs")}
 
@@ -300,7 +313,208 @@ class SqliteStore:
             ("DELETE FROM owned", ()),
         ])  # fmt: skip
 
+    def imported_from(self) -> str | None:
+        """The digest of the Weave file this store was imported from, if it was."""
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (IMPORT_KEY,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read IPAM database {self.path}: {exc}") from None
+        return None if row is None else str(row[0])
+
+    def import_state(
+        self, our_name: int, ring: Ring | None, owned: Mapping[str, OwnedData], marker: str
+    ) -> None:
+        """Write an imported state in one transaction, into a store that holds none.
+
+        The emptiness check runs inside the transaction, so a router starting meanwhile
+        cannot interleave its own first writes with the import.
+        """
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                held = self._db.execute(
+                    "SELECT (SELECT count(*) FROM meta WHERE key IN ('peername', 'ring', ?))"
+                    " + (SELECT count(*) FROM owned)",
+                    (IMPORT_KEY,),
+                ).fetchone()[0]
+                if held:
+                    raise MigrationError(
+                        f"IPAM database {self.path} already holds state; not importing over it"
+                    )
+                self._db.execute("INSERT INTO meta VALUES ('peername', ?)", (str(our_name),))
+                if ring is not None:
+                    self._db.execute("INSERT INTO meta VALUES ('ring', ?)", (encode_ring(RingData.of(ring)),))
+                for ident, data in owned.items():
+                    self._db.execute(
+                        "INSERT INTO owned VALUES (?, ?, ?)",
+                        (ident, int(data.is_container), ",".join(str(c) for c in data.cidrs)),
+                    )
+                self._db.execute("INSERT INTO meta VALUES (?, ?)", (IMPORT_KEY, marker))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write IPAM database {self.path}: {exc}") from None
+
     def owned_snapshot(self) -> Mapping[str, OwnedData]:
         rows = self._db.execute("SELECT ident, is_container, cidrs FROM owned ORDER BY rowid").fetchall()
         return {i: OwnedData(bool(c), [CIDR.parse(x) for x in s.split(",") if x]) for i, c, s in rows}
 
+
+# ------------------------------------------------------------------ migration from Weave Net
+
+
+class MigrationError(StoreError):
+    """Weave's state cannot be taken over; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    peer_name: int
+    # False when this state directory was already made from the same Weave file.
+    imported: bool
+    owned: int
+
+
+def read_weave_db(path: str | Path) -> bytes:
+    """The bytes of Weave's BoltDB file, opened read-only; refused while Weave holds it.
+
+    A running Weave router holds an exclusive flock on its file (bbolt does), and its state
+    would move on after we read it: a shared lock that fails says it is still running.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise MigrationError(f"cannot open Weave's database {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MigrationError(f"Weave's database {path} is not a regular file")
+        if info.st_size > MAX_WEAVE_DB_BYTES:
+            raise MigrationError(f"Weave's database {path} is {info.st_size} bytes; Weave's are far smaller")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise MigrationError(
+                    f"Weave's database {path} is locked: Weave is still running; `weave stop` it first"
+                ) from None
+            raise MigrationError(f"cannot lock Weave's database {path}: {exc.strerror}") from None
+        chunks = []
+        size = 0
+        while size <= MAX_WEAVE_DB_BYTES:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_WEAVE_DB_BYTES:
+            raise MigrationError(f"Weave's database {path} grew past {MAX_WEAVE_DB_BYTES} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def import_weave_state(
+    state: WeaveState,
+    marker: str,
+    directory: str | Path,
+    *,
+    universe: Range | None,
+    name: int | None = None,
+) -> MigrationResult:
+    """Make pyweave's state directory hold Weave's state: its peer name, ring and addresses.
+
+    Done once: a directory already made from the same Weave file (`marker`, its digest) is
+    left as it is, whatever the router did since; one holding any other state is refused,
+    because merging two histories of one host could hand an address out twice.
+    `universe` is our --ipalloc-range (None: IPAM off); `name` our --name, if given.
+    """
+    directory = Path(directory)
+    weave_name = format_peer_name(state.peer_name)
+    if name is not None and name != state.peer_name:
+        raise MigrationError(
+            f"--name {format_peer_name(name)} differs from Weave's peer name {weave_name}; "
+            "drop --name, or give Weave's"
+        )
+    if state.ring is not None and universe is None:
+        raise MigrationError(
+            f"Weave's IPAM covers {state.ring.range.as_cidr_string()}, but IPAM is off here "
+            '(--ipalloc-range ""): launch with --ipalloc-range as Weave had it'
+        )
+    if state.ring is not None and state.ring.range != universe:
+        raise MigrationError(
+            f"Weave's IPAM covers {state.ring.range.as_cidr_string()}, this launch "
+            f"{universe.as_cidr_string() if universe else None}: launch with "
+            f"--ipalloc-range {state.ring.range.as_cidr_string()}"
+        )
+    name_file = directory / PEERNAME_FILE
+    have_name = _read_peer_name_file(name_file)
+    store = SqliteStore(directory)
+    try:
+        marked = store.imported_from()
+        if marked == marker:
+            if have_name not in (None, state.peer_name):
+                raise MigrationError(
+                    f"{name_file} says {format_peer_name(have_name)}, but this directory was imported "
+                    f"from Weave as {weave_name}"
+                )
+            if have_name is None:
+                _write_peer_name_file(name_file, state.peer_name)
+            log.info("%s already holds the state imported from this Weave database; nothing to do", directory)
+            return MigrationResult(state.peer_name, False, len(state.owned))
+        if marked is not None:
+            raise MigrationError(
+                f"{directory} was imported from another Weave database; `weave reset` to start again"
+            )
+        if have_name not in (None, state.peer_name):
+            raise MigrationError(
+                f"pyweave already ran here as {format_peer_name(have_name)} ({name_file}); "
+                f"Weave's state ({weave_name}) was not imported: `weave reset` first to take it over"
+            )
+        owned = {k: OwnedData(v.is_container, list(v.cidrs)) for k, v in state.owned.items()}
+        store.import_state(state.peer_name, state.ring, owned, marker)
+    finally:
+        store.close()
+    _write_peer_name_file(name_file, state.peer_name)
+    log.info(
+        "imported Weave's state into %s: peer name %s, %d idents with addresses",
+        directory, weave_name, len(state.owned),
+    )  # fmt: skip
+    return MigrationResult(state.peer_name, True, len(state.owned))
+
+
+def migrate_from_weave(
+    source: str | Path, directory: str | Path, *, universe: Range | None, name: int | None = None
+) -> MigrationResult:
+    """Read Weave's file at `source` (never writing it) and import it into `directory`."""
+    data = read_weave_db(source)
+    try:
+        state = parse_weave_db(data)
+    except WeaveDBError as exc:
+        raise MigrationError(f"{source}: {exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    return import_weave_state(state, digest, directory, universe=universe, name=name)
+
+
+def _read_peer_name_file(path: Path) -> int | None:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise MigrationError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return parse_peer_name(text.strip())
+    except WireError:
+        raise MigrationError(f"{path} holds no peer name; move it away to import Weave's") from None
+
+
+def _write_peer_name_file(path: Path, name: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        f.write(format_peer_name(name) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

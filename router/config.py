@@ -10,6 +10,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ipam_crdt.address import CIDR
+from ipam_crdt.errors import IPAMError
+from ipam_crdt.store import migrate_from_weave
 from router.errors import WireError
 from router.peername import format_peer_name, parse_peer_name, random_peer_name
 from router.targets import normalise_address
@@ -19,6 +22,8 @@ log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = "/var/lib/weave"
 DEFAULT_HTTP_ADDR = "127.0.0.1:6784"
 DEFAULT_MTU = 1376
+DEFAULT_WEAVE_DB = "/var/lib/weave/weavedata.db"
+MIGRATE_FLAG = "--migrate-from-weave"
 
 # Weave flags whose features arrive with later work; refused with this reason until then.
 NOT_YET = {
@@ -69,6 +74,8 @@ class RouterConfig:
     ipalloc_init: str = "consensus"
     ipalloc_default_subnet: str = ""
     fastdp: bool = True
+    # Weave Net's BoltDB file whose state was imported at launch (--migrate-from-weave).
+    migrate_from_weave: Path | None = None
 
 
 class ConfigError(Exception):
@@ -106,6 +113,10 @@ def build_parser(prog: str = "weaver") -> argparse.ArgumentParser:
     p.add_argument("--dns-ttl", type=int, default=1)
     p.add_argument("--dns-fallback-timeout", type=float, default=5.0, help="seconds for upstream resolvers")
     p.add_argument("--resolv-conf", default="/etc/resolv.conf", help="the host's resolvers, for other names")
+    p.add_argument(
+        MIGRATE_FLAG, default=None, metavar="PATH",
+        help=f"take over Weave Net's peer name and IPAM state from PATH once (bare: {DEFAULT_WEAVE_DB})",
+    )  # fmt: skip
     p.add_argument("peers", nargs="*")
     return p
 
@@ -121,6 +132,8 @@ def refuse_unsupported(argv: list[str]) -> None:
 
 def parse_args(argv: list[str], prog: str = "weaver") -> RouterConfig:
     refuse_unsupported(argv)
+    # PATH is optional and, as in GNU tools, attached with "="; a separate word is a peer.
+    argv = [f"{MIGRATE_FLAG}={DEFAULT_WEAVE_DB}" if a == MIGRATE_FLAG else a for a in argv]
     args = build_parser(prog).parse_args(argv)
     directory = state_dir()
     if not 0 < args.port < 65535:
@@ -156,9 +169,15 @@ def parse_args(argv: list[str], prog: str = "weaver") -> RouterConfig:
     domain = args.dns_domain if args.dns_domain.endswith(".") else args.dns_domain + "."
     password = args.password if args.password is not None else os.environ.get("WEAVE_PASSWORD")
     try:
-        name = parse_peer_name(args.name) if args.name else load_or_create_name(directory)
+        given_name = parse_peer_name(args.name) if args.name else None
     except WireError as exc:
         raise ConfigError(f"--name: {exc}") from None
+    migrated = None
+    if args.migrate_from_weave is not None:
+        # Before the peer name is read: the import writes Weave's into the state directory.
+        migrated = Path(args.migrate_from_weave)
+        _migrate(migrated, directory, args.ipalloc_range, given_name)
+    name = given_name if given_name is not None else load_or_create_name(directory)
     return RouterConfig(
         name=name,
         nickname=args.nickname or socket.gethostname(),
@@ -185,7 +204,17 @@ def parse_args(argv: list[str], prog: str = "weaver") -> RouterConfig:
         ipalloc_init=args.ipalloc_init,
         ipalloc_default_subnet=args.ipalloc_default_subnet,
         fastdp=not (args.no_fastdp or os.environ.get("WEAVE_NO_FASTDP", "") not in ("", "0")),
+        migrate_from_weave=migrated,
     )
+
+
+def _migrate(source: Path, directory: Path, ipalloc_range: str, name: int | None) -> None:
+    """Import Weave's state (once; a relaunch with the same file does nothing)."""
+    try:
+        universe = CIDR.parse_subnet(ipalloc_range).range() if ipalloc_range else None
+        migrate_from_weave(source, directory, universe=universe, name=name)
+    except IPAMError as exc:
+        raise ConfigError(f"{MIGRATE_FLAG}: {exc}") from None
 
 
 def load_or_create_name(directory: Path) -> int:
