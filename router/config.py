@@ -212,9 +212,15 @@ def _migrate(source: Path, directory: Path, ipalloc_range: str, name: int | None
     """Import Weave's state (once; a relaunch with the same file does nothing)."""
     try:
         universe = CIDR.parse_subnet(ipalloc_range).range() if ipalloc_range else None
-        migrate_from_weave(source, directory, universe=universe, name=name)
+        result = migrate_from_weave(source, directory, universe=universe, name=name)
     except IPAMError as exc:
         raise ConfigError(f"{MIGRATE_FLAG}: {exc}") from None
+    if result.imported:
+        log.info("imported Weave Net's state from %s: peer name %s, %d addresses owned", source,
+                 format_peer_name(result.peer_name), result.owned)
+    else:
+        log.debug("Weave Net's state from %s was imported before (peer name %s)", source,
+                  format_peer_name(result.peer_name))
 
 
 def load_or_create_name(directory: Path) -> int:
