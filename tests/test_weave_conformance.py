@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -362,8 +363,17 @@ async def test_pyweave_takes_what_weave_sends(capture: Capture, combo: Combo, mo
         remote = router.remote
         before = ratelog.REJECTS.snapshot()
         router.special(remote.heartbeat)  # the peer learns our address and acks: we are established
+        # Our own UDP heartbeat on this connection is byte for byte the one Weave sends.
+        assert (remote.name, remote.heartbeat, False) in router.datapath.specials
+        router.datapath.specials.clear()
         router.receive(weave_sends(combo, remote.control[SleeveControl.CONNECTION_ESTABLISHED])[4:])
         assert router.conn.state == "established"
+        # Established: the fragmentation test and a PMTU probe follow, as Weave's do (on a
+        # 1500-byte path, unencrypted, the probe is Weave's 1452-byte frame).
+        frames = [(f, df) for _peer, f, df in router.datapath.specials]
+        assert (fragmentation_test_frame(), False) in frames
+        probes = [f for f, df in frames if df and classify_special(f) is SpecialFrame.PMTU_PROBE]
+        assert probes and (combo.encrypted or probes[0] == remote.pmtu_probe)
         router.control_sent()
         router.datapath.specials.clear()
         router.receive(weave_sends(combo, remote.control[SleeveControl.FRAGMENTATION_RECEIVED])[4:])
@@ -372,29 +382,56 @@ async def test_pyweave_takes_what_weave_sends(capture: Capture, combo: Combo, mo
         assert router.control_sent() == []
 
 
+async def test_tcp_heartbeat_is_weaves(capture: Capture, autojump_clock: object,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """mesh sends ``sendSimpleProtocolMsg(ProtocolHeartbeat)`` every 30 s: tag 0, no body,
+    ``00 00 00 01 00`` on the wire. The captures are shorter than 30 s and hold none, so
+    this row is from mesh's source: pyweave's heartbeat task must queue exactly that, and
+    it is not a control message (no overlay framing applies)."""
+    router = pyweave_in_place_of(capture, COMBOS[1], WV1, monkeypatch)
+    router.conn._queue.clear()
+    with trio.move_on_after(router.mesh.config.heartbeat_interval + 1):
+        await router.mesh._heartbeats(router.conn)
+    assert [frame(m) for m, _c in router.conn._queue] == [bytes.fromhex("0000000100")]
+    assert Tag.HEARTBEAT not in CONTROL_TAGS
+
+
+def pyweave_pair_end(me: int, peer: int, outbound: bool, announced: tuple[str, ...]) -> tuple[Connection, FastdpService]:
+    """One end of a connection between pyweave routers that both have fastdp; `announced`
+    is what this end put in its handshake, the peer announced ``sleeve vxlan``."""
+    mesh = Mesh(MeshConfig(name=me, nickname="py", discovery=False, overlays=("sleeve", "vxlan")))
+    sleeve = SleeveOverlay(mesh, FakeDataPath(me), 6783, clock=lambda: 0.0)  # type: ignore[arg-type]
+    fastdp = FastdpService(me, clock=lambda: 0.0)
+    fastdp.available = True
+    mesh.overlay = OverlaySwitch(sleeve, fastdp)
+    conn = Connection(None, outbound, f"{ADDRESS[peer]}:6783", None)  # type: ignore[arg-type]
+    conn.remote = parse_features({"PeerNameFlavour": "mac", "Name": f"02:98:00:00:00:0{peer & 0xF}",
+                                  "NickName": "py", "UID": "7", "ConnID": "9", "ShortID": "3",
+                                  "Overlays": "sleeve vxlan", VNET_FEATURE: "1"})
+    conn.conn_uid = 99
+    conn.announced_overlays = announced
+    mesh._register(conn)
+    return conn, fastdp
+
+
 async def test_pyweave_between_pyweave_peers_wraps_the_vxlan_key_share(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not a Weave peer: both announce ``sleeve vxlan``, so vxlan is forwarder 1 on both ends."""
     monkeypatch.setattr(sleeve_service, "path_mtu", lambda address: 1500)
-    a, b = WV1, WV2
-    sent: dict[int, list[bytes]] = {}
-    for me, peer, outbound in ((a, b, True), (b, a, False)):
-        mesh = Mesh(MeshConfig(name=me, nickname="py", discovery=False, overlays=("sleeve", "vxlan")))
-        sleeve = SleeveOverlay(mesh, FakeDataPath(me), 6783, clock=lambda: 0.0)  # type: ignore[arg-type]
-        fastdp = FastdpService(me, clock=lambda: 0.0)
-        fastdp.available = True
-        mesh.overlay = OverlaySwitch(sleeve, fastdp)
-        conn = Connection(None, outbound, f"{ADDRESS[peer]}:6783", None)  # type: ignore[arg-type]
-        conn.remote = parse_features({"PeerNameFlavour": "mac", "Name": f"02:98:00:00:00:0{peer & 0xF}",
-                                      "NickName": "py", "UID": "7", "ConnID": "9", "ShortID": "3",
-                                      "Overlays": "sleeve vxlan", VNET_FEATURE: "1"})
-        conn.conn_uid = 99
-        conn.announced_overlays = ("sleeve", "vxlan")
-        mesh._register(conn)
-        sent[me] = [m for m, _c in conn._queue if m[0] in CONTROL_TAGS]
-        ((share,),) = (sent[me],)
+    for me, peer, outbound in ((WV1, WV2, True), (WV2, WV1, False)):
+        conn, fastdp = pyweave_pair_end(me, peer, outbound, ("sleeve", "vxlan"))
+        (share,) = [m for m, _c in conn._queue if m[0] in CONTROL_TAGS]
         assert share[:3] == bytes((Tag.OVERLAY_CONTROL, 1, VxlanControl.KEY_SHARE))
         assert len(share) == 3 + MESSAGE_LEN
         assert decode_share(share[3:]) == fastdp._peers[peer].local_share
+
+
+async def test_no_key_share_where_the_handshake_left_vxlan_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fastdp came up after this connection's handshake, which announced only the sleeve:
+    the peer has no forwarder for vxlan on it, so nothing of fastdp's may be sent."""
+    monkeypatch.setattr(sleeve_service, "path_mtu", lambda address: 1500)
+    conn, fastdp = pyweave_pair_end(WV1, WV2, True, ("sleeve",))
+    assert [m for m, _c in conn._queue if m[0] in CONTROL_TAGS] == []
+    assert WV2 not in fastdp._peers
 
 
 async def test_a_peer_with_nothing_in_common_is_refused_before_anything_is_sent(
