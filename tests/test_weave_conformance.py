@@ -590,3 +590,160 @@ def test_encoder_refuses_what_the_connection_cannot_carry() -> None:
                     ControlMessage("fastdp", 0)):
             with pytest.raises(ValueError):
                 framing.encode(msg)
+
+
+# ---------------------------------------------------------------- a real router and a Weave-like peer
+
+FAKE_WEAVE_SECONDS = 8.0
+# Sent once the link is up; each is refused (and counted) by the router, which stays up.
+MALFORMED = (b"\x07", b"\x07\x00", b"\x01", b"\x07\x05\x01", b"\x07\x00\x03\x05")
+
+
+def fake_weave_main() -> None:
+    """A peer that speaks to a router as Weave 2.8 with fastdp does (run in a test host:
+    ``python -c 'from tests.test_weave_conformance import fake_weave_main; fake_weave_main()'
+    ROUTER_IP``). It dials, announces ``Overlays=fastdp sleeve``, runs the sleeve's side of
+    the link faithfully (UDP heartbeats, ConnectionEstablished on the router's first
+    heartbeat, acks of its fragmentation test and PMTU probes, all framed as Weave frames
+    them), prints every control message the router sends (``ctl HEX``), sends MALFORMED
+    once it is acked, and prints ``done``."""
+    import secrets
+    import select
+    import socket
+    import struct
+    import sys
+    import time
+
+    from router.handshake import Handshake, PeerIdentity
+    from router.peername import random_peer_name
+    from router.protocol import encode_message
+    from sleeve.wire import FRAG_TEST_FRAME_LEN, encode_packet, heartbeat_frame
+
+    router_ip = sys.argv[1]
+    name = random_peer_name()
+    tcp = socket.create_connection((router_ip, 6783), timeout=10)
+    hs = Handshake(outbound=True, local=PeerIdentity(name, "fake-weave", secrets.randbits(63) + 1, 77),
+                   conn_id=secrets.randbits(64), overlays=("fastdp", "sleeve"))
+    tcp.sendall(hs.initiate())
+    while not hs.complete:
+        data = tcp.recv(65536)
+        if not data:
+            raise SystemExit("router closed the connection during the handshake")
+        out = hs.receive_data(data)
+        if out:
+            tcp.sendall(out)
+    assert hs.remote is not None and hs.codec is not None
+    router = hs.remote.name
+    print("connected", flush=True)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", 6783))
+
+    def send_tcp(payload: bytes) -> None:
+        tcp.sendall(hs.codec.encode_frame(payload))  # type: ignore[union-attr]
+
+    def send_udp(frame_: bytes) -> None:
+        udp.sendto(encode_packet(name, [(name, router, frame_)]), (router_ip, 6783))
+
+    acked = malformed_sent = False
+    next_heartbeat = 0.0
+    end = time.monotonic() + FAKE_WEAVE_SECONDS
+    tcp.setblocking(False)
+    while (now := time.monotonic()) < end:
+        if now >= next_heartbeat:
+            send_udp(heartbeat_frame(hs.conn_uid))
+            send_tcp(encode_message(0))
+            next_heartbeat = now + 0.5
+        if acked and not malformed_sent:
+            # As Weave once established: its fragmentation test, a PMTU probe (MTU 1438).
+            send_udp(bytes(FRAG_TEST_FRAME_LEN))
+            send_udp(bytes(1438 + 14))
+            for payload in MALFORMED:
+                send_tcp(payload)
+            malformed_sent = True
+            print("malformed sent", flush=True)
+        ready, _, _ = select.select([tcp, udp], [], [], 0.1)
+        if tcp in ready:
+            data = tcp.recv(65536)
+            if not data:
+                print("closed by router", flush=True)
+                return
+            for payload in hs.codec.feed(data):
+                if payload and payload[0] in CONTROL_TAGS:
+                    print("ctl", payload.hex(), flush=True)
+        if udp in ready:
+            packet, _addr = udp.recvfrom(65536)
+            _sender, frames = decode_packet(packet)
+            for _src, _dst, frame_ in frames:
+                kind = classify_special(frame_)
+                if kind is SpecialFrame.HEARTBEAT and not acked:
+                    send_tcp(b"\x07\x00\x01")  # Weave acks the first heartbeat it gets
+                    acked = True
+                elif kind is SpecialFrame.FRAGMENTATION_TEST and len(frame_) == FRAG_TEST_FRAME_LEN:
+                    send_tcp(b"\x07\x00\x02")
+                elif kind is SpecialFrame.PMTU_PROBE:
+                    send_tcp(b"\x07\x00\x03" + struct.pack(">H", len(frame_) - 14))
+    print("done", flush=True)
+
+
+def _router_marks(fn):  # type: ignore[no-untyped-def]
+    from tests.routers import router_test_marks
+
+    for mark in router_test_marks():
+        fn = mark(fn)
+    return fn
+
+
+@_router_marks
+def test_a_real_router_and_a_weave_peer(make_testbed, show_logs) -> None:  # type: ignore[no-untyped-def]
+    """The issue's set-up, with a scripted Weave 2.8 peer in place of Weave's routers: the
+    router's control messages are the ones Weave takes, the link gets established, and
+    malformed control messages are refused and counted, not fatal."""
+    import sys
+    import time
+
+    from tests.routers import launch, log_text, wait_for, weave
+    from tests.test_mesh_integration import report, weave_metrics
+
+    tb = make_testbed(2)
+    show_logs(tb)
+    router_host, weave_host = tb.hosts
+    launch(router_host)
+    argv = [sys.executable, "-c", "from tests.test_weave_conformance import fake_weave_main; fake_weave_main()",
+            router_host.address]
+    repo = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    weave_host.spawn(argv, "fake-weave", env={"PYTHONPATH": repo})
+    out = weave_host.log_path("fake-weave")
+
+    def lines() -> list[str]:
+        return out.read_text().splitlines() if out.exists() else []
+
+    wait_for(lambda: "malformed sent" in lines(), "the fake Weave peer's link to be acked", timeout=20,
+             hosts=[router_host], describe=lambda: "\n".join(lines()))
+    time.sleep(0.5)
+
+    def established() -> bool:
+        conns = report(router_host)["Connections"]
+        return any(c["Address"].startswith(weave_host.address) and c["State"] == "established" for c in conns)
+
+    wait_for(established, "the router's connection to the Weave peer to be established", timeout=10,
+             hosts=[router_host])
+    metrics = weave_metrics(router_host)
+    refused = sum(v for k, v in metrics.items()
+                  if k.startswith("pyweave_inputs_rejected") and 'component="overlay"' in k)
+    assert refused >= len(MALFORMED), metrics
+    wait_for(lambda: "done" in lines() or "closed by router" in lines(), "the fake Weave peer to finish",
+             timeout=20, hosts=[router_host])
+    text = lines()
+    print("fake Weave peer:", *text, sep="\n    ")
+    assert "closed by router" not in text, text
+    sent = [bytes.fromhex(line.split()[1]) for line in text if line.startswith("ctl ")]
+    assert sent and sent[0] == b"\x07\x00\x01", text
+    assert {b"\x07\x00\x02", b"\x07\x00\x03\x05\x9e"} <= set(sent), text
+    for payload in sent:
+        # Weave's switch and sleeve take each one (no panic), as a sleeve message.
+        overlay, tag, data = weave_receives("fastdp sleeve", "sleeve vxlan", payload)
+        assert overlay == SLEEVE_OVERLAY and tag in SUBTAGS, payload.hex()
+        assert len(data) == (2 if tag == SleeveControl.PMTU_VERIFIED else 0), payload.hex()
+    log = log_text(router_host)
+    assert "Traceback" not in log and "overlay control message from" in log
+    assert weave(router_host, "status", check=False).strip()
