@@ -54,7 +54,8 @@ class OverlaySwitch:
         return self.fastdp is not None and self.fastdp.available
 
     def overlays(self) -> tuple[str, ...]:
-        """The overlay names we announce in handshakes, most preferred last (as Weave)."""
+        """The overlay names we announce in handshakes. Their order numbers the forwarders
+        between pyweave peers (sleeve 0, vxlan 1); a Weave peer only shares the sleeve."""
         return (SLEEVE_OVERLAY, VXLAN_OVERLAY) if self.fastdp_available else (SLEEVE_OVERLAY,)
 
     # -- Overlay

@@ -237,7 +237,10 @@ CONTROL_NOT_CONTROL: Final = "control_not_control"
 CONTROL_REASONS = frozenset({CONTROL_SHORT, CONTROL_BAD_FORWARDER, CONTROL_BARE_TAG, CONTROL_WRAPPED_TAG,
                              CONTROL_BAD_SUBTAG, CONTROL_BAD_LENGTH, CONTROL_NOT_CONTROL})
 
-_SUBTAGS: dict[str, type[enum.IntEnum]] = {SLEEVE_OVERLAY: SleeveControl, VXLAN_OVERLAY: VxlanControl}
+_SUBTAGS: dict[str, frozenset[int]] = {
+    SLEEVE_OVERLAY: frozenset(int(t) for t in SleeveControl),
+    VXLAN_OVERLAY: frozenset(int(t) for t in VxlanControl),
+}
 # Data lengths Weave's sleeve sends (nil, nil, a uint16); anything else is not a Weave message.
 _SLEEVE_DATA_LEN = {
     SleeveControl.CONNECTION_ESTABLISHED: 0,
@@ -268,7 +271,7 @@ def _check_message(msg: ControlMessage) -> tuple[str, str] | None:
     subtags = _SUBTAGS.get(msg.overlay)
     if subtags is None:
         return CONTROL_BAD_FORWARDER, f"no control messages are defined for overlay {msg.overlay!r}"
-    if msg.subtag not in subtags._value2member_map_:
+    if msg.subtag not in subtags:
         return CONTROL_BAD_SUBTAG, f"{msg.overlay} control sub-tag {msg.subtag} is not one we know"
     if msg.overlay == SLEEVE_OVERLAY:
         subtag = SleeveControl(msg.subtag)
