@@ -186,9 +186,10 @@ class Connection:
         self.conn_uid = 0
         self.encrypted = False
         self.overlay_key: bytes | None = None
-        # The Overlays we announced in this connection's handshake, and the framing of its
-        # overlay control messages that follows from both ends' lists (set on registering).
-        self.announced_overlays: tuple[str, ...] = ()
+        # The Overlays we announced in this connection's handshake (None before it), and the
+        # framing of its overlay control messages that follows from both ends' lists (set
+        # on registering).
+        self.announced_overlays: tuple[str, ...] | None = None
         self.framing: ControlFraming | None = None
         self.codec = None
         self.info = ""
@@ -617,7 +618,8 @@ class Mesh:
         remote = conn.remote
         assert remote is not None
         # Before anything is sent: a peer with no overlay in common is refused, as Weave does.
-        conn.framing = ControlFraming.negotiate(conn.announced_overlays, remote.overlays, conn.outbound)
+        ours = conn.announced_overlays if conn.announced_overlays is not None else tuple(self.config.overlays)
+        conn.framing = ControlFraming.negotiate(ours, remote.overlays, conn.outbound)
         existing = self.connections.get(remote.name)
         if existing is None and self.config.conn_limit and len(self.connections) >= self.config.conn_limit:
             raise ConnectionRefused(f"Connection limit reached ({self.config.conn_limit})")
