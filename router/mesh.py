@@ -39,7 +39,18 @@ from router.gossip_api import Action, GossipData, Gossiper, SendBroadcast, SendU
 from router.handshake import Handshake, HandshakeFailure, PeerIdentity, RemoteFeatures
 from router.overlay import Overlay, OverlayConn
 from router.peername import format_peer_name
-from router.protocol import GossipMessage, Tag, decode_gossip, encode_gossip, encode_message, split_message
+from router.protocol import (
+    CONTROL_TAGS,
+    ControlError,
+    ControlFraming,
+    ControlMessage,
+    GossipMessage,
+    Tag,
+    decode_gossip,
+    encode_gossip,
+    encode_message,
+    split_message,
+)
 from router.routes import Routes
 from router.surrogate import MAX_CHANNEL_NAME, SurrogateTable
 from router.targets import MAX_DISCOVERED, ConnectionMaker, PeerAddress, discovery_delay, normalise_address
@@ -89,9 +100,8 @@ OTHER_CHANNELS = "other"
 # Not rejections: "relaying gossip channel ..." lines, at most one per interval, since a
 # peer can make up new channel names as fast as old ones expire.
 _RELAY_LOG = ratelog.RateLimitedLog()
-_OVERLAY_TAGS = frozenset(
-    {Tag.CONNECTION_ESTABLISHED, Tag.FRAGMENTATION_RECEIVED, Tag.PMTU_VERIFIED, Tag.OVERLAY_CONTROL}
-)
+# Not rejections either: an overlay asking to send what the connection cannot carry (a bug).
+_UNSENDABLE_LOG = ratelog.RateLimitedLog()
 
 
 def heartbeat_interval_from_env() -> float:
@@ -176,6 +186,11 @@ class Connection:
         self.conn_uid = 0
         self.encrypted = False
         self.overlay_key: bytes | None = None
+        # The Overlays we announced in this connection's handshake (None before it), and the
+        # framing of its overlay control messages that follows from both ends' lists (set
+        # on registering).
+        self.announced_overlays: tuple[str, ...] | None = None
+        self.framing: ControlFraming | None = None
         self.codec = None
         self.info = ""
         # For the sender task: messages in order, each (message, its gossip channel or
@@ -563,13 +578,14 @@ class Mesh:
                 self._maker_event.set()
 
     async def _handshake(self, conn: Connection) -> None:
+        conn.announced_overlays = tuple(self.config.overlays)
         hs = Handshake(
             outbound=conn.outbound,
             local=PeerIdentity(self.name, self.config.nickname, self.uid, self.short_id),
             conn_id=secrets.randbits(64),
             password=self.config.password,
             trusted_remote=self._trusted(conn.address),
-            overlays=self.config.overlays,
+            overlays=conn.announced_overlays,
             min_version=self.config.min_version,
             extra_features=self.overlay.features() if self.overlay is not None else None,
         )
@@ -601,6 +617,9 @@ class Mesh:
     def _register(self, conn: Connection) -> None:
         remote = conn.remote
         assert remote is not None
+        # Before anything is sent: a peer with no overlay in common is refused, as Weave does.
+        ours = conn.announced_overlays if conn.announced_overlays is not None else tuple(self.config.overlays)
+        conn.framing = ControlFraming.negotiate(ours, remote.overlays, conn.outbound)
         existing = self.connections.get(remote.name)
         if existing is None and self.config.conn_limit and len(self.connections) >= self.config.conn_limit:
             raise ConnectionRefused(f"Connection limit reached ({self.config.conn_limit})")
@@ -635,6 +654,7 @@ class Mesh:
                     tcp_address=(host.strip("[]"), int(port)),
                     session_key=conn.overlay_key,
                     features=dict(remote.raw),
+                    common_overlays=conn.framing.common,
                 )
             )
         if new or restarted:
@@ -735,9 +755,8 @@ class Mesh:
         if split is None:
             return
         tag, body = split
-        if tag in _OVERLAY_TAGS:
-            if self.overlay is not None:
-                self.overlay.control(conn.remote_name, conn.conn_uid, tag, body)
+        if tag in CONTROL_TAGS:
+            self._overlay_control(conn, tag, body)
             return
         if tag not in (Tag.GOSSIP, Tag.GOSSIP_UNICAST, Tag.GOSSIP_BROADCAST):
             return  # heartbeats and tags we don't know
@@ -763,6 +782,18 @@ class Mesh:
                 self._perform(msg.channel, gossiper.on_gossip_unicast(msg.src, msg.payload))
             else:
                 self._relay_unicast(msg.channel, msg.src, msg.dst, msg.payload)
+
+    def _overlay_control(self, conn: Connection, tag: int, body: bytes) -> None:
+        if conn.framing is None or self.overlay is None:
+            return
+        try:
+            msg = conn.framing.decode(tag, body)
+        except ControlError as exc:
+            # Weave would panic on most of these; we drop the message and keep the connection.
+            ratelog.reject(log, "overlay", exc.reason, "overlay control message from %s refused: %s",
+                           conn.describe(), exc)
+            return
+        self.overlay.control(conn.remote_name, conn.conn_uid, msg)
 
     def _channel(self, name: str) -> Gossiper | None:
         """The application for a channel; None for one this router does not implement."""
@@ -959,10 +990,20 @@ class Mesh:
         if conn is not None:
             conn.close(reason)
 
-    def overlay_send(self, remote: int, conn_uid: int, tag: Tag, body: bytes) -> None:
+    def overlay_send(self, remote: int, conn_uid: int, msg: ControlMessage) -> None:
+        """The one way overlay control messages reach the wire: framed for this connection."""
         conn = self._overlay_conn(remote, conn_uid)
-        if conn is not None:
-            conn.send(tag, body)
+        if conn is None or conn.framing is None:
+            return
+        try:
+            tag, body = conn.framing.encode(msg)
+        except ValueError as exc:
+            # A Weave peer may panic on what it cannot index: nothing doubtful goes out.
+            _UNSENDABLE_LOG.reject(log, "overlay", "unsendable_control",
+                                   "not sending %s a %s control message: %s", conn.describe(), msg.overlay,
+                                   exc, level=logging.ERROR)
+            return
+        conn.send(tag, body)
 
     def _peers_removed(self, removed: list) -> None:
         if not removed:

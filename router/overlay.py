@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from router.protocol import Tag
+from router.protocol import SLEEVE_OVERLAY, ControlMessage
 
 
 @dataclass
@@ -26,6 +26,9 @@ class OverlayConn:
     tcp_address: tuple[str, int]  # the remote end of the TCP connection
     session_key: bytes | None  # set when the overlay must encrypt (untrusted, password)
     features: dict[str, str] = field(default_factory=dict)  # the remote's handshake features
+    # The overlays both ends announced (router.protocol.ControlFraming.common): only
+    # these may send control messages on the connection.
+    common_overlays: tuple[str, ...] = (SLEEVE_OVERLAY,)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,9 @@ class OverlayHost(Protocol):
 
     def overlay_failed(self, remote: int, conn_uid: int, reason: str) -> None: ...
 
-    def overlay_send(self, remote: int, conn_uid: int, tag: Tag, body: bytes) -> None: ...
+    def overlay_send(self, remote: int, conn_uid: int, msg: ControlMessage) -> None:
+        """Send `msg` on the connection, framed as the handshake agreed (ControlFraming)."""
+        ...
 
 
 class Overlay(Protocol):
@@ -57,9 +62,9 @@ class Overlay(Protocol):
 
     def connection_down(self, remote: int, conn_uid: int) -> None: ...
 
-    def control(self, remote: int, conn_uid: int, tag: Tag, body: bytes) -> None:
-        """An overlay control message (ConnectionEstablished, FragmentationReceived,
-        PMTUVerified, OverlayControl) arrived on the connection."""
+    def control(self, remote: int, conn_uid: int, msg: ControlMessage) -> None:
+        """A control message for one of the connection's common overlays arrived; the mesh
+        has checked its framing, sub-tag and (for the sleeve) its length."""
         ...
 
     def status(self, remote: int) -> OverlayStatus | None: ...

@@ -10,9 +10,11 @@ kernel carries its unicast (learnt MACs) and floods our broadcasts to it (its al
 FDB entry); the sleeve then leaves that peer out of its own broadcast fan-out.
 
 fastdp's heartbeats are authenticated with keys agreed over the mesh connection: when
-fastdp starts monitoring a connection the switch sends the peer our key share in an
-OverlayControl message (format in :mod:`fastdp.linkkey`) and hands the peer's share,
-when it arrives, to fastdp. The sleeve ignores OverlayControl.
+fastdp starts monitoring a connection the switch sends the peer our key share as the
+vxlan overlay's KEY_SHARE control message (data format in :mod:`fastdp.linkkey`) and
+hands the peer's share, when it arrives, to fastdp. fastdp is tried only where the
+handshake put vxlan in common (both ends announced it), so the share's forwarder index
+is one the peer has; a Weave peer never announces vxlan and never gets one.
 """
 
 from __future__ import annotations
@@ -25,12 +27,11 @@ from fastdp.service import FastdpService, FastdpState
 from router import ratelog
 from router.overlay import OverlayConn, OverlayStatus
 from router.peername import format_peer_name
-from router.protocol import Tag
+from router.protocol import SLEEVE_OVERLAY, VXLAN_OVERLAY, ControlMessage, VxlanControl
 from sleeve.service import VNET_FEATURE, SleeveOverlay
 
 log = logging.getLogger(__name__)
 
-VXLAN_OVERLAY = "vxlan"
 # The connection-status name of the kernel path, as Weave users know it.
 FASTDP_STATUS_NAME = "fastdp"
 
@@ -53,8 +54,9 @@ class OverlaySwitch:
         return self.fastdp is not None and self.fastdp.available
 
     def overlays(self) -> tuple[str, ...]:
-        """The overlay names we announce in handshakes, most preferred last (as Weave)."""
-        return ("sleeve", VXLAN_OVERLAY) if self.fastdp_available else ("sleeve",)
+        """The overlay names we announce in handshakes. Their order numbers the forwarders
+        between pyweave peers (sleeve 0, vxlan 1); a Weave peer only shares the sleeve."""
+        return (SLEEVE_OVERLAY, VXLAN_OVERLAY) if self.fastdp_available else (SLEEVE_OVERLAY,)
 
     # -- Overlay
 
@@ -64,14 +66,19 @@ class OverlaySwitch:
     def connection_up(self, conn: OverlayConn) -> None:
         self._conns[conn.remote] = conn
         self.sleeve.connection_up(conn)
-        offered = conn.features.get("Overlays", "").split()
         if self.fastdp is None or not self.fastdp.available:
             self._why_sleeve[conn.remote] = self.disabled_reason or (
                 f"fastdp unavailable: {self.fastdp.unavailable_reason}" if self.fastdp else "fastdp off"
             )
-        elif VXLAN_OVERLAY not in offered:
+        elif VXLAN_OVERLAY not in conn.common_overlays:
             pyweave = VNET_FEATURE in conn.features
-            self._why_sleeve[conn.remote] = "peer offers no vxlan" if pyweave else "peer is Weave Net"
+            if not pyweave:
+                why = "peer is Weave Net"
+            elif VXLAN_OVERLAY in conn.features.get("Overlays", "").split():
+                why = "vxlan was not announced when this connection started"
+            else:
+                why = "peer offers no vxlan"
+            self._why_sleeve[conn.remote] = why
         elif conn.session_key is not None:
             self._why_sleeve[conn.remote] = "encrypted, untrusted"
         else:
@@ -82,8 +89,8 @@ class OverlaySwitch:
                 self._why_sleeve[conn.remote] = f"fastdp: {exc}"
             else:
                 if share is not None:
-                    self.sleeve.host.overlay_send(conn.remote, conn.conn_uid, Tag.OVERLAY_CONTROL,
-                                                  linkkey.encode_share(share))
+                    msg = ControlMessage(VXLAN_OVERLAY, VxlanControl.KEY_SHARE, linkkey.encode_share(share))
+                    self.sleeve.host.overlay_send(conn.remote, conn.conn_uid, msg)
 
     def connection_down(self, remote: int, conn_uid: int) -> None:
         conn = self._conns.get(remote)
@@ -97,11 +104,12 @@ class OverlaySwitch:
         self._set_kernel(remote, False)
         self.sleeve.connection_down(remote, conn_uid)
 
-    def control(self, remote: int, conn_uid: int, tag: Tag, body: bytes) -> None:
-        if tag == Tag.OVERLAY_CONTROL and linkkey.is_share_message(body):
-            self._key_share(remote, conn_uid, body)
+    def control(self, remote: int, conn_uid: int, msg: ControlMessage) -> None:
+        if msg.overlay == VXLAN_OVERLAY:
+            if msg.subtag == VxlanControl.KEY_SHARE:
+                self._key_share(remote, conn_uid, msg.data)
             return
-        self.sleeve.control(remote, conn_uid, tag, body)
+        self.sleeve.control(remote, conn_uid, msg)
 
     def _key_share(self, remote: int, conn_uid: int, body: bytes) -> None:
         try:

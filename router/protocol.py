@@ -9,15 +9,18 @@ A plaintext payload is one tag byte followed by a body:
 - tags 4/5/6 gossip: a gob stream of built-in values (see ``encode_gossip``);
 - tag 7 overlay control: ``forwarder index byte || sub-tag byte || data``.
 
-Unknown tags are valid frames; callers ignore them, as Weave does.
+Which of tags 1-3 and 7 a connection carries, and what a forwarder index means on it,
+follows from the handshake: :class:`ControlFraming` is the one encoder and decoder of
+overlay control messages. Unknown tags are valid frames; callers ignore them, as Weave does.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from router.errors import GobError, ProtocolError
 from router.gob import BYTES, STRING, UINT, Decoder, GobType, encode_stream
@@ -204,3 +207,163 @@ def decode_pmtu(data: bytes) -> int:
     if len(data) < 2:
         raise ProtocolError(f"PMTUVerified carries a 2-byte MTU, got {len(data)} bytes")
     return int(struct.unpack_from(">H", data)[0])
+
+
+# ---------------------------------------------------------------- control framing of a connection
+
+SLEEVE_OVERLAY: Final = "sleeve"
+# pyweave's kernel path; never announced as "fastdp", which to a Weave peer means its OVS datapath.
+VXLAN_OVERLAY: Final = "vxlan"
+# Forwarder indices are one byte; Weave keeps at most this many overlays in common.
+MAX_FORWARDERS: Final = 256
+SLEEVE_CONTROL_TAGS = frozenset(int(t) for t in SleeveControl)
+CONTROL_TAGS = frozenset({*SLEEVE_CONTROL_TAGS, int(Tag.OVERLAY_CONTROL)})
+
+
+class VxlanControl(enum.IntEnum):
+    """Sub-tags of pyweave's vxlan overlay, whose messages only ever go to pyweave peers."""
+
+    KEY_SHARE = 1  # data: a fastdp.linkkey share message
+
+
+# Why a control message was refused: constant /metrics labels (pyweave_inputs_rejected).
+CONTROL_SHORT: Final = "control_short"
+CONTROL_BAD_FORWARDER: Final = "control_bad_forwarder"
+CONTROL_BARE_TAG: Final = "control_bare_tag"
+CONTROL_WRAPPED_TAG: Final = "control_wrapped_tag"
+CONTROL_BAD_SUBTAG: Final = "control_bad_subtag"
+CONTROL_BAD_LENGTH: Final = "control_bad_length"
+CONTROL_NOT_CONTROL: Final = "control_not_control"
+CONTROL_REASONS = frozenset({CONTROL_SHORT, CONTROL_BAD_FORWARDER, CONTROL_BARE_TAG, CONTROL_WRAPPED_TAG,
+                             CONTROL_BAD_SUBTAG, CONTROL_BAD_LENGTH, CONTROL_NOT_CONTROL})
+
+_SUBTAGS: dict[str, frozenset[int]] = {
+    SLEEVE_OVERLAY: frozenset(int(t) for t in SleeveControl),
+    VXLAN_OVERLAY: frozenset(int(t) for t in VxlanControl),
+}
+# Data lengths Weave's sleeve sends (nil, nil, a uint16); anything else is not a Weave message.
+_SLEEVE_DATA_LEN = {
+    SleeveControl.CONNECTION_ESTABLISHED: 0,
+    SleeveControl.FRAGMENTATION_RECEIVED: 0,
+    SleeveControl.PMTU_VERIFIED: 2,
+}
+
+
+class ControlError(ProtocolError):
+    """A control message refused by :meth:`ControlFraming.decode`; ``reason`` is a constant."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    """One overlay's control message, whatever its framing on the wire."""
+
+    overlay: str
+    subtag: int
+    data: bytes = b""
+
+
+def _check_message(msg: ControlMessage) -> tuple[str, str] | None:
+    """(reason, why) if `msg` is not a message its overlay defines; None if it is."""
+    subtags = _SUBTAGS.get(msg.overlay)
+    if subtags is None:
+        return CONTROL_BAD_FORWARDER, f"no control messages are defined for overlay {msg.overlay!r}"
+    if msg.subtag not in subtags:
+        return CONTROL_BAD_SUBTAG, f"{msg.overlay} control sub-tag {msg.subtag} is not one we know"
+    if msg.overlay == SLEEVE_OVERLAY:
+        subtag = SleeveControl(msg.subtag)
+        want = _SLEEVE_DATA_LEN[subtag]
+        if len(msg.data) != want:
+            return CONTROL_BAD_LENGTH, f"sleeve {subtag.name} carries {want} bytes, got {len(msg.data)}"
+    return None
+
+
+@dataclass(frozen=True)
+class ControlFraming:
+    """How overlay control messages travel on one connection, as the handshake settled it.
+
+    A peer that announces ``Overlays`` (every Weave 2.x router, and pyweave) runs an
+    overlay switch: every control message is tag 7 with body ``[forwarder index,
+    sub-tag, data...]``, and Weave's ``overlaySwitchForwarder.ControlMessage`` indexes
+    its forwarders with ``msg[0]`` and reads ``msg[1]`` unchecked, so anything shorter,
+    or an index past its list, panics the Weave router. ``forwarders`` is that list:
+    the overlays named by both ends, in the dialler's order (Weave's
+    ``commonOverlays``), at most 256. A peer without ``Overlays`` (Weave 1.x; Weave 2.x
+    keeps its sleeve as the "compat overlay" for it) gets the sleeve's messages
+    unwrapped as tags 1-3; ``forwarders`` is then None.
+
+    Weave's commonOverlays means to order by the dialler, but mesh hands it the TCP
+    remote address on both ends, so each Weave router really orders by its own list.
+    With a Weave peer the two readings cannot differ: pyweave names "sleeve" and
+    "vxlan", Weave "fastdp" and "sleeve", so the sleeve is the only overlay in common
+    and its index is 0. Between pyweave peers the dialler's order is the rule.
+    """
+
+    forwarders: tuple[str, ...] | None
+
+    @classmethod
+    def negotiate(cls, ours: Sequence[str], theirs: Sequence[str] | None, outbound: bool) -> ControlFraming:
+        """The framing for a connection on which we announced `ours` and the peer `theirs`
+        (None: no ``Overlays`` feature). Raises ProtocolError if no overlay is in common,
+        as Weave fails such a connection."""
+        if theirs is None:
+            if SLEEVE_OVERLAY not in ours:
+                raise ProtocolError("no overlays in common with peer: no switch there, no sleeve here")
+            return cls(None)
+        common = set(ours) & set(theirs)
+        ordering = ours if outbound else theirs
+        # A name the peer repeats is one forwarder (Weave's own list never repeats one).
+        forwarders = tuple(dict.fromkeys(name for name in ordering if name in common))[:MAX_FORWARDERS]
+        if not forwarders:
+            raise ProtocolError(f"no overlays in common with peer (it offers {' '.join(theirs)!r})")
+        return cls(forwarders)
+
+    @property
+    def common(self) -> tuple[str, ...]:
+        """The overlays both ends run on this connection."""
+        return (SLEEVE_OVERLAY,) if self.forwarders is None else self.forwarders
+
+    def encode(self, msg: ControlMessage) -> tuple[int, bytes]:
+        """(mesh tag, body) of `msg`. A message the connection cannot carry (its overlay
+        is not in common, or it is not one its overlay defines) is a caller bug: ValueError,
+        and nothing for the wire."""
+        problem = _check_message(msg)
+        if problem is not None:
+            raise ValueError(problem[1])
+        if self.forwarders is None:
+            if msg.overlay != SLEEVE_OVERLAY:
+                raise ValueError(f"a peer without an overlay switch only runs the sleeve, not {msg.overlay}")
+            return msg.subtag, bytes(msg.data)
+        if msg.overlay not in self.forwarders:
+            raise ValueError(f"overlay {msg.overlay} is not in common with this peer {self.forwarders}")
+        return Tag.OVERLAY_CONTROL, OverlayControl(self.forwarders.index(msg.overlay), msg.subtag,
+                                                   bytes(msg.data)).encode()
+
+    def decode(self, tag: int, body: bytes) -> ControlMessage:
+        """The control message in a tag 1-3 or 7 message. Raises ControlError for
+        anything that is not a well-formed message of an overlay in common."""
+        if tag not in CONTROL_TAGS:
+            raise ControlError(CONTROL_NOT_CONTROL, f"tag {tag} is not an overlay control tag")
+        if self.forwarders is None:
+            if tag == Tag.OVERLAY_CONTROL:
+                raise ControlError(CONTROL_WRAPPED_TAG,
+                                   "overlay control message (tag 7) from a peer without an overlay switch")
+            msg = ControlMessage(SLEEVE_OVERLAY, tag, bytes(body))
+        else:
+            if tag != Tag.OVERLAY_CONTROL:
+                raise ControlError(CONTROL_BARE_TAG,
+                                   f"bare sleeve control tag {tag} from a peer that runs an overlay switch")
+            if len(body) < 2:
+                raise ControlError(CONTROL_SHORT, f"overlay control message of {len(body)} bytes; "
+                                   "need forwarder and sub-tag")
+            if body[0] >= len(self.forwarders):
+                raise ControlError(CONTROL_BAD_FORWARDER,
+                                   f"forwarder index {body[0]}; {len(self.forwarders)} overlays in common")
+            msg = ControlMessage(self.forwarders[body[0]], body[1], bytes(body[2:]))
+        problem = _check_message(msg)
+        if problem is not None:
+            raise ControlError(*problem)
+        return msg

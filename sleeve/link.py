@@ -18,7 +18,7 @@ import logging
 import struct
 from dataclasses import dataclass
 
-from router.protocol import Tag
+from router.protocol import SleeveControl
 from sleeve.wire import (
     ETHERNET_HEADER_SIZE,
     FRAG_TEST_FRAME_LEN,
@@ -63,9 +63,9 @@ class SendFrame:
 
 @dataclass(frozen=True)
 class SendControl:
-    """Send a message on the mesh connection (TCP)."""
+    """Send a sleeve control message on the mesh connection (TCP); the mesh frames it."""
 
-    tag: Tag
+    subtag: SleeveControl
     body: bytes = b""
 
 
@@ -153,14 +153,14 @@ class SleeveLink:
                 self._next_heartbeat = now  # answer at once: the remote waits for our heartbeat
         if self._acked_address != address:
             self._acked_address = address
-            actions.append(SendControl(Tag.CONNECTION_ESTABLISHED))
+            actions.append(SendControl(SleeveControl.CONNECTION_ESTABLISHED))
         return actions + self.tick(now)
 
-    def control(self, tag: Tag, body: bytes, now: float) -> list[Action]:
+    def control(self, subtag: SleeveControl, body: bytes, now: float) -> list[Action]:
         """A sleeve control message arrived on the TCP connection."""
         if self.failed:
             return []
-        if tag == Tag.CONNECTION_ESTABLISHED:
+        if subtag == SleeveControl.CONNECTION_ESTABLISHED:
             if self.established:
                 return []
             self.established = True
@@ -170,13 +170,13 @@ class SleeveLink:
             self._probe_attempt = 0
             self._probe_deadline = now
             return [Established(), *self.tick(now)]
-        if tag == Tag.FRAGMENTATION_RECEIVED:
+        if subtag == SleeveControl.FRAGMENTATION_RECEIVED:
             if not self.frag_ok:
                 log.debug("sleeve: fragmentation test passed")
             self.frag_ok = True
             return []
-        if tag == Tag.PMTU_VERIFIED:
-            if len(body) < 2:
+        if subtag == SleeveControl.PMTU_VERIFIED:
+            if len(body) < 2:  # the mesh's decoder refuses these; a sans-IO core checks anyway
                 return []
             return self._verified(_U16.unpack_from(body)[0], now)
         return []
@@ -184,8 +184,8 @@ class SleeveLink:
     def special_frame_ack(self, frame_len: int) -> list[Action]:
         """The remote sent a fragmentation test or a PMTU probe: acknowledge it."""
         if frame_len == FRAG_TEST_FRAME_LEN:
-            return [SendControl(Tag.FRAGMENTATION_RECEIVED)]
-        return [SendControl(Tag.PMTU_VERIFIED, _U16.pack(frame_len - ETHERNET_HEADER_SIZE))]
+            return [SendControl(SleeveControl.FRAGMENTATION_RECEIVED)]
+        return [SendControl(SleeveControl.PMTU_VERIFIED, _U16.pack(frame_len - ETHERNET_HEADER_SIZE))]
 
     def path_mtu(self, underlay_mtu: int, now: float) -> list[Action]:
         """Sending failed with EMSGSIZE: the kernel knows a smaller path MTU."""

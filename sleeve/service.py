@@ -18,7 +18,7 @@ from router import ratelog
 from router.bridge import VNET_HDR_LEN
 from router.overlay import OverlayConn, OverlayHost, OverlayStatus
 from router.peername import format_peer_name
-from router.protocol import Tag
+from router.protocol import SLEEVE_OVERLAY, ControlMessage, SleeveControl
 from sleeve.crypto import SleeveCipher
 from sleeve.datapath import DataPath, Link, path_mtu
 from sleeve.link import Action, Established, Failed, MtuChanged, SendControl, SendFrame, SleeveLink
@@ -26,7 +26,7 @@ from sleeve.wire import SpecialFrame, classify_special, heartbeat_conn_uid
 
 log = logging.getLogger(__name__)
 
-OVERLAY_NAME = "sleeve"
+OVERLAY_NAME = SLEEVE_OVERLAY
 # Announced in the handshake: frames on the link carry a virtio header (pyweave peers).
 VNET_FEATURE = "PyweaveSleeveVnet"
 MAC_SWEEP_INTERVAL = 60.0
@@ -89,11 +89,11 @@ class SleeveOverlay:
         self.datapath.links = links
         self.datapath.switch.macs.forget_peer(remote)
 
-    def control(self, remote: int, conn_uid: int, tag: Tag, body: bytes) -> None:
+    def control(self, remote: int, conn_uid: int, msg: ControlMessage) -> None:
         entry = self._conns.get(remote)
-        if entry is None or entry.info.conn_uid != conn_uid:
+        if entry is None or entry.info.conn_uid != conn_uid or msg.overlay != OVERLAY_NAME:
             return
-        self._perform(remote, entry.ctl.control(tag, body, self._clock()))
+        self._perform(remote, entry.ctl.control(SleeveControl(msg.subtag), msg.data, self._clock()))
         self._wake.set()
 
     def status(self, remote: int) -> OverlayStatus | None:
@@ -159,7 +159,8 @@ class SleeveOverlay:
             if isinstance(action, SendFrame):
                 self.datapath.send_special(remote, action.frame, action.df)
             elif isinstance(action, SendControl):
-                self.host.overlay_send(remote, info.conn_uid, action.tag, action.body)
+                self.host.overlay_send(remote, info.conn_uid, ControlMessage(OVERLAY_NAME, action.subtag,
+                                                                             action.body))
             elif isinstance(action, Established):
                 link.established = True
                 self.host.overlay_established(remote, info.conn_uid)

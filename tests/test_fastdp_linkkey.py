@@ -20,7 +20,7 @@ from router import ratelog
 from router.errors import WireError
 from router.overlay import OverlayConn
 from router.overlay_switch import OverlaySwitch
-from router.protocol import Tag
+from router.protocol import ControlMessage, SleeveControl, VxlanControl
 
 A = 0x02_00_00_00_0A_01
 B = 0x02_00_00_00_0B_02
@@ -135,22 +135,22 @@ def test_only_authentic_frames_reach_the_health_machine() -> None:
 
 @dataclass
 class FakeHost:
-    sent: list[tuple[int, int, Tag, bytes]] = field(default_factory=list)
+    sent: list[tuple[int, int, ControlMessage]] = field(default_factory=list)
 
-    def overlay_send(self, remote: int, conn_uid: int, tag: Tag, body: bytes) -> None:
-        self.sent.append((remote, conn_uid, tag, body))
+    def overlay_send(self, remote: int, conn_uid: int, msg: ControlMessage) -> None:
+        self.sent.append((remote, conn_uid, msg))
 
 
 @dataclass
 class FakeSleeve:
     host: FakeHost = field(default_factory=FakeHost)
-    controls: list[tuple[Tag, bytes]] = field(default_factory=list)
+    controls: list[ControlMessage] = field(default_factory=list)
 
     def connection_up(self, conn: OverlayConn) -> None:
         pass
 
-    def control(self, remote: int, conn_uid: int, tag: Tag, body: bytes) -> None:
-        self.controls.append((tag, body))
+    def control(self, remote: int, conn_uid: int, msg: ControlMessage) -> None:
+        self.controls.append(msg)
 
 
 def test_switch_exchanges_key_shares_over_the_mesh_connection() -> None:
@@ -158,25 +158,30 @@ def test_switch_exchanges_key_shares_over_the_mesh_connection() -> None:
     svc.available = True
     sleeve = FakeSleeve()
     switch = OverlaySwitch(sleeve, svc)  # type: ignore[arg-type]
-    conn = OverlayConn(A, "a", UID, False, ("10.98.0.1", 6783), None, {"Overlays": "sleeve vxlan"})
+    conn = OverlayConn(A, "a", UID, False, ("10.98.0.1", 6783), None, {"Overlays": "sleeve vxlan"},
+                       common_overlays=("sleeve", "vxlan"))
     switch.connection_up(conn)
-    ((remote, conn_uid, tag, body),) = sleeve.host.sent
-    assert (remote, conn_uid, tag) == (A, UID, Tag.OVERLAY_CONTROL)
+    ((remote, conn_uid, sent),) = sleeve.host.sent
+    assert (remote, conn_uid, sent.overlay, sent.subtag) == (A, UID, "vxlan", VxlanControl.KEY_SHARE)
+    body = sent.data
     assert decode_share(body) == svc._peers[A].local_share
     assert svc._key_for(A, UID) is None
 
     before = dict(ratelog.REJECTS.counts)
-    switch.control(A, UID, Tag.OVERLAY_CONTROL, b"PWfk\x01short")  # ours, but broken
-    switch.control(A, UID + 1, Tag.OVERLAY_CONTROL, encode_share(new_share()))  # another connection
+    def share_msg(data: bytes) -> ControlMessage:
+        return ControlMessage("vxlan", VxlanControl.KEY_SHARE, data)
+
+    switch.control(A, UID, share_msg(b"PWfk\x01short"))  # ours, but broken
+    switch.control(A, UID + 1, share_msg(encode_share(new_share())))  # another connection
     assert svc._key_for(A, UID) is None
     assert ratelog.REJECTS.counts[("fastdp", "bad_key_share")] > before.get(("fastdp", "bad_key_share"), 0)
     share_a = new_share()
-    switch.control(A, UID, Tag.OVERLAY_CONTROL, encode_share(share_a))
+    switch.control(A, UID, share_msg(encode_share(share_a)))
     assert svc._key_for(A, UID) == derive_key(share_a, decode_share(body), A, B, UID)
-    # Other overlay control messages (not ours) and the sleeve's own go to the sleeve.
-    switch.control(A, UID, Tag.OVERLAY_CONTROL, b"\x00weave")
-    switch.control(A, UID, Tag.CONNECTION_ESTABLISHED, b"")
-    assert sleeve.controls == [(Tag.OVERLAY_CONTROL, b"\x00weave"), (Tag.CONNECTION_ESTABLISHED, b"")]
+    # The sleeve's own messages go to the sleeve.
+    established = ControlMessage("sleeve", SleeveControl.CONNECTION_ESTABLISHED)
+    switch.control(A, UID, established)
+    assert sleeve.controls == [established]
 
 
 def test_key_share_error_is_a_wire_error() -> None:

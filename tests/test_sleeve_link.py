@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from router.protocol import Tag
+from router.protocol import SleeveControl
 from sleeve.link import (
     FAST_HEARTBEAT,
     FIRST_RETRY,
@@ -48,11 +48,11 @@ def test_inbound_side_waits_for_a_heartbeat_then_answers_and_acks() -> None:
     link = SleeveLink(UID, False, None, False, now=0.0)
     assert link.address is None and link.tick(5.0) == []
     actions = link.heartbeat(UID, ("10.0.0.9", 40000), now=5.0)
-    assert SendControl(Tag.CONNECTION_ESTABLISHED) in actions
+    assert SendControl(SleeveControl.CONNECTION_ESTABLISHED) in actions
     assert len(frames(actions, SpecialFrame.HEARTBEAT)) == 1
     assert link.address == ("10.0.0.9", 40000)
     # The same address again is not acknowledged twice.
-    assert SendControl(Tag.CONNECTION_ESTABLISHED) not in link.heartbeat(UID, ("10.0.0.9", 40000), now=5.1)
+    assert SendControl(SleeveControl.CONNECTION_ESTABLISHED) not in link.heartbeat(UID, ("10.0.0.9", 40000), now=5.1)
 
 
 def test_heartbeat_of_another_connection_is_ignored() -> None:
@@ -64,12 +64,12 @@ def test_heartbeat_of_another_connection_is_ignored() -> None:
 def test_ack_establishes_slows_heartbeats_and_starts_mtu_checks() -> None:
     link = SleeveLink(UID, True, ADDR, False, now=0.0)
     link.tick(0.0)
-    actions = link.control(Tag.CONNECTION_ESTABLISHED, b"", now=1.0)
+    actions = link.control(SleeveControl.CONNECTION_ESTABLISHED, b"", now=1.0)
     assert Established() in actions and link.established
     assert frames(actions, SpecialFrame.FRAGMENTATION_TEST)
     probes = frames(actions, SpecialFrame.PMTU_PROBE)
     assert probes and probes[0].df and probe_mtu(probes[0].frame) == 1438
-    assert link.control(Tag.CONNECTION_ESTABLISHED, b"", now=1.1) == []
+    assert link.control(SleeveControl.CONNECTION_ESTABLISHED, b"", now=1.1) == []
     assert frames(link.tick(1.0 + SLOW_HEARTBEAT - 0.1), SpecialFrame.HEARTBEAT) == []
     assert frames(link.tick(1.0 + SLOW_HEARTBEAT), SpecialFrame.HEARTBEAT)
 
@@ -83,13 +83,13 @@ def test_silence_for_a_minute_fails_the_link() -> None:
 
 def test_acknowledgements_of_the_peers_probes() -> None:
     link = SleeveLink(UID, True, ADDR, False, now=0.0)
-    assert link.special_frame_ack(60001) == [SendControl(Tag.FRAGMENTATION_RECEIVED)]
-    assert link.special_frame_ack(1438 + 14) == [SendControl(Tag.PMTU_VERIFIED, struct.pack(">H", 1438))]
+    assert link.special_frame_ack(60001) == [SendControl(SleeveControl.FRAGMENTATION_RECEIVED)]
+    assert link.special_frame_ack(1438 + 14) == [SendControl(SleeveControl.PMTU_VERIFIED, struct.pack(">H", 1438))]
 
 
 def test_fragmentation_received_sets_frag_ok() -> None:
     link = SleeveLink(UID, True, ADDR, False, now=0.0)
-    link.control(Tag.FRAGMENTATION_RECEIVED, b"", now=1.0)
+    link.control(SleeveControl.FRAGMENTATION_RECEIVED, b"", now=1.0)
     assert link.frag_ok
 
 
@@ -97,14 +97,14 @@ def run_pmtu(link: SleeveLink, path_mtu: int, start: float = 1.0) -> list:
     """Drive verification: probes up to `path_mtu` (as an overlay MTU) are acknowledged."""
     now = start
     out: list = []
-    actions = link.control(Tag.CONNECTION_ESTABLISHED, b"", now)
+    actions = link.control(SleeveControl.CONNECTION_ESTABLISHED, b"", now)
     for _ in range(10_000):
         out += actions
         acked = [p for p in frames(actions, SpecialFrame.PMTU_PROBE) if probe_mtu(p.frame) <= path_mtu]
         actions = []
         for probe in acked:
             size = struct.pack(">H", probe_mtu(probe.frame))
-            actions += link.control(Tag.PMTU_VERIFIED, size, now)
+            actions += link.control(SleeveControl.PMTU_VERIFIED, size, now)
         if link.pmtu_state is PmtuState.DONE:
             return out + actions
         now += 0.005
@@ -150,6 +150,6 @@ def test_verified_mtu_is_rechecked_and_a_shrunk_path_found() -> None:
         now += 0.005
         for probe in frames(link.tick(now), SpecialFrame.PMTU_PROBE):
             if probe_mtu(probe.frame) <= 1300:
-                link.control(Tag.PMTU_VERIFIED, struct.pack(">H", probe_mtu(probe.frame)), now)
+                link.control(SleeveControl.PMTU_VERIFIED, struct.pack(">H", probe_mtu(probe.frame)), now)
         link.last_heard = now  # heartbeats keep flowing
     assert link.mtu == 1300
