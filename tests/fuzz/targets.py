@@ -27,7 +27,15 @@ from types import SimpleNamespace
 from router.errors import GobError, WireError
 from router.gob import BYTES as BYTES_T
 from router.gob import Decoder
-from router.protocol import GOSSIP_TAGS, FrameReader, OverlayControl, Tag, decode_gossip, split_message
+from router.protocol import (
+    CONTROL_TAGS,
+    GOSSIP_TAGS,
+    ControlError,
+    ControlFraming,
+    FrameReader,
+    decode_gossip,
+    split_message,
+)
 from tests.fuzz import seeds as S
 
 Runner = Callable[[bytes], object]
@@ -72,14 +80,27 @@ KEY = bytes(range(100, 132))
 _MAX_FRAMES = 64  # per input, so a target's time stays bounded by the input size
 
 
+# The control framings a connection can have: with a Weave 2.x peer (the sleeve alone in
+# common), between pyweave peers (both overlays), and with a Weave 1.x peer (no switch).
+_FRAMINGS = (
+    ControlFraming.negotiate(("sleeve", "vxlan"), ("fastdp", "sleeve"), True),
+    ControlFraming.negotiate(("sleeve", "vxlan"), ("sleeve", "vxlan"), False),
+    ControlFraming.negotiate(("sleeve", "vxlan"), None, True),
+)
+
+
 def dispatch(payload: bytes) -> None:
-    """What Mesh._dispatch decodes of one frame before a channel sees it."""
+    """What Mesh._dispatch decodes of one frame before a channel or overlay sees it."""
     split = split_message(payload)
     if split is None:
         return
     tag, body = split
-    if tag == Tag.OVERLAY_CONTROL:
-        OverlayControl.decode(body)
+    if tag in CONTROL_TAGS:
+        for framing in _FRAMINGS:
+            try:
+                framing.decode(tag, body)
+            except ControlError:
+                pass
     elif tag in GOSSIP_TAGS:
         decode_gossip(tag, body)
 
@@ -688,12 +709,13 @@ def _sleeve_control_seeds() -> list[bytes]:
 @target("sleeve_control", (WireError,), _sleeve_control_seeds, "sleeve/link.py")
 def _sleeve_control(data: bytes) -> object:
     """Sleeve control messages on the TCP connection (tag 1-3 and its body), then the timers."""
+    from router.protocol import SleeveControl
     from sleeve.link import SleeveLink
 
     if not data:
         return None
     link = SleeveLink(0x9999, True, ("10.0.0.2", 6783), False, 100.0)
-    actions = link.control(Tag(1 + data[0] % 3), data[1:], 100.0)
+    actions = link.control(SleeveControl(1 + data[0] % 3), data[1:], 100.0)
     actions += link.heartbeat(0x9999, ("10.0.0.2", 6783), 100.5)
     for now in (101.0, 110.0, 200.0):
         actions += link.tick(now)
