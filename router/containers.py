@@ -12,6 +12,11 @@ stable for the container's life whichever spec names it, and within IFNAMSIZ. Th
 container end is created directly inside the namespace under its final name (``ethwe``),
 so a name clash there fails before anything is half made.
 
+Containers Weave Net attached are adopted as they are: their host end is ``vethwepl<pid>``
+(Weave names it by the container's PID), their container end ``ethwe``. Listing finds
+them by link-netnsid, and attach and detach find a container's veth by the same id when
+there is none under our name, so they work on Weave's veths without renaming them.
+
 Finding containers again from the host (:func:`list_attached`): each host veth on the
 bridge reports the peer's namespace as a link-netnsid, which only means something inside
 the host namespace. Candidate namespace files are gathered from nsfs bind mounts in
@@ -329,12 +334,24 @@ def _peer_nsid(ipr: Any, ns: ContainerNetns) -> int | None:
 
 
 def _existing_veth(ipr: Any, name: str, ns: ContainerNetns) -> Any | None:
-    """Our host veth for `ns`, or None; ContainerError if the name is taken by something else."""
+    """The host veth leading into `ns`, or None; ContainerError if `name` is taken by something else.
+
+    Ours is called `name`. A container Weave Net attached has a host end named by a PID
+    (``vethwepl<pid>``) that no inode gives back, so without ours the ``vethwepl*`` veths
+    whose peer lives in `ns` are looked at: that one is adopted, not doubled.
+    """
     link = _link_by_name(ipr, name)
+    nsid = _peer_nsid(ipr, ns)
     if link is None:
+        if nsid is None:  # no veth of the host leads into a namespace the host has no id for
+            return None
+        for other in ipr.get_links():
+            if (_link_kind(other) == "veth" and other.get_attr("IFLA_LINK_NETNSID") == nsid
+                    and other.get_attr("IFLA_IFNAME").startswith(CONTAINER_VETH_PREFIX)):
+                return other
         return None
-    nsid = link.get_attr("IFLA_LINK_NETNSID")
-    if _link_kind(link) != "veth" or nsid is None or nsid != _peer_nsid(ipr, ns):
+    peer = link.get_attr("IFLA_LINK_NETNSID")
+    if _link_kind(link) != "veth" or peer is None or peer != nsid:
         raise ContainerError(f"host interface {name} exists but does not lead into container {ns.container} "
                              "(left over from something else? remove it or run weave reset)")
     return link
@@ -369,6 +386,7 @@ def _attach_host(ns: ContainerNetns, cidrs: list[ipaddress.IPv4Interface], bridg
                 link = _link_by_name(ipr, name)
                 if link is None:
                     raise ContainerError(f"veth {name} vanished while attaching {ns.container}")
+            name = link.get_attr("IFLA_IFNAME")  # Weave's own name, for a container Weave attached
             index = link["index"]
             peer_index = link.get_attr("IFLA_LINK")
             if link.get_attr("IFLA_MTU") != mtu:
@@ -439,6 +457,7 @@ def _detach_host(ns: ContainerNetns, cidrs: list[ipaddress.IPv4Interface] | None
         link = _existing_veth(ipr, name, ns)
         if link is None:
             return Detachment(ns.container, name, (), False)
+        name = link.get_attr("IFLA_IFNAME")
         removed: list[ipaddress.IPv4Interface] = []
         left = 0
         if cidrs is not None:
