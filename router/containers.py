@@ -71,6 +71,7 @@ CLONE_NEWNET = 0x40000000
 _NAME_DIGITS = 7
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _HOST_VETH_RE = re.compile(rf"^{CONTAINER_VETH_PREFIX}[0-9a-z]{{{_NAME_DIGITS}}}$")
+_WEAVE_VETH_RE = re.compile(rf"^{CONTAINER_VETH_PREFIX}([1-9][0-9]{{0,6}})$")  # Weave Net's: vethwepl<pid>
 # Weave's CNI plugin tunes the container's ARP cache so a MAC that moved is noticed fast.
 _ARP_TUNING = {"base_reachable_time_ms": "5000", "delay_first_probe_time": "2", "ucast_solicit": "1"}
 IPv4Addrs = Iterable[ipaddress.IPv4Interface | str]
@@ -573,6 +574,18 @@ def _list_host(bridge: str) -> list[tuple[str, int, int, int | None]]:
         return out
 
 
+def _name_hint(name: str) -> int | None:
+    """The nsfs inode a host veth's name points at: ours encode it; Weave's (``vethwepl<pid>``)
+    name a process whose namespace it probably is. The link-netnsid confirms either."""
+    m = _WEAVE_VETH_RE.match(name)
+    if m is not None:
+        try:
+            return os.stat(f"/proc/{int(m.group(1))}/ns/net").st_ino
+        except OSError:
+            pass
+    return _inode_from_name(name)
+
+
 def _nsids(paths: Iterable[str]) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
     with _iproute() as ipr:
@@ -602,7 +615,7 @@ def list_attached(bridge: str = DEFAULT_BRIDGE, *, netns: NetnsArg = None) -> li
         return []
     candidates = _candidate_paths()
     by_name = {name: candidates[ino][0] for name, *_ in ports
-               if (ino := _inode_from_name(name)) is not None and ino in candidates}
+               if (ino := _name_hint(name)) is not None and ino in candidates}
     nsid_of = run_in_netns(netns, _nsids, set(by_name.values()))
     by_nsid: dict[int, str] | None = None
     result: list[Attachment] = []

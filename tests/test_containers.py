@@ -391,6 +391,25 @@ def test_weave_attached_container_is_listed(host: Host, spawn: Callable[..., sub
     assert att.addresses == (ipaddress.IPv4Interface("10.40.0.1/16"),)
 
 
+def test_listing_weave_attached_containers_needs_no_fd_scan(
+        host: Host, spawn: Callable[..., subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PID in Weave's veth name leads to the namespace; scanning every process's fds
+    (the last resort) would be paid on every listing of a host that ran Weave."""
+    anon = spawn(["unshare", "-n", "sleep", "30"])
+    wait_sleeping(anon)
+    weave_attached(host, anon.pid, "10.40.0.1/16")
+    scans: list[bool] = []
+    real = ct._candidate_paths
+
+    def counting(with_fds: bool = False) -> dict[int, list[str]]:
+        scans.append(with_fds)
+        return real(with_fds)
+
+    monkeypatch.setattr(ct, "_candidate_paths", counting)
+    (att,) = ct.list_attached(netns=host.netns)
+    assert att.container == f"/proc/{anon.pid}/ns/net" and scans == [False]
+
+
 def test_detach_a_weave_attached_container(host: Host, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
     """detach finds Weave's veth (named by PID, not by our inode scheme) and removes it."""
     anon = spawn(["unshare", "-n", "sleep", "30"])
