@@ -433,3 +433,22 @@ def test_attach_to_a_weave_attached_container(host: Host, spawn: Callable[..., s
     assert ct.list_attached(netns=host.netns) == [att]
     # Weave's MTU on the container stays as Weave set it when it matches the bridge's.
     assert links(host.netns)[veth]["mtu"] == 1376
+
+
+def test_adopting_a_bridge_warns_of_container_mtus(module_testbed: Testbed,
+                                                  spawn: Callable[..., subprocess.Popen[bytes]],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Containers Weave made with a larger WEAVE_MTU would lose their big frames in silence."""
+    h = module_testbed.add_host()
+    h.run(["ip", "link", "add", "weave", "mtu", "8916", "type", "bridge"])
+    anon = spawn(["unshare", "-n", "sleep", "30"])
+    wait_sleeping(anon)
+    weave_attached(h, anon.pid, "10.40.0.1/16", mtu=8916)
+    with caplog.at_level("WARNING", logger="router.bridge"):
+        assert br.ensure_bridge(netns=h.netns).mtu == 1376
+    assert f"1 container veth(s) on it have MTU 8916 (vethwepl{anon.pid})" in caplog.text
+    assert "--mtu 8916" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="router.bridge"):
+        br.ensure_bridge(mtu=8916, netns=h.netns)
+    assert caplog.text == ""
