@@ -241,6 +241,12 @@ def test_weave_hosts_move_to_pyweave_in_place(
     assert weave(h1, "dns-lookup", "db").split() == []
     assert f"vethwepl{c2}" not in h1.run(["ip", "-o", "link", "show"]).stdout
     assert f"/proc/{c2}/ns/net" not in owned(h1) and f"/proc/{c2}/ns/net" not in ps(h1)
+    # An adopted container that dies is noticed as pyweave's own are: its address is freed.
+    c5 = next(p for p in processes if p.pid == pids["c5"])
+    c5.kill()
+    c5.wait()
+    wait_for(lambda: f"/proc/{pids['c5']}/ns/net" not in owned(h2), "c5's address freed", hosts=[h2])
+    assert owned(h2).get(f"/proc/{pids['c4']}/ns/net") == ["10.40.128.0/16"]
     for host in (h1, h2):
         log = log_text(host)
         assert "Traceback" not in log and "cannot find the namespace" not in log, log
