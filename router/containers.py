@@ -23,8 +23,9 @@ the host namespace. Candidate namespace files are gathered from nsfs bind mounts
 ``/proc/self/mountinfo`` (``ip netns`` names, Docker and CNI paths alike) and from
 ``/proc/*/ns/net`` (namespaces only processes hold), falling back to open file
 descriptors in ``/proc/*/fd`` (namespaces only an fd holds). The inode encoded in the
-veth name picks the candidate; asking the kernel for that candidate's nsid (RTM_GETNSID)
-confirms it, and if the name does not decode, the nsid alone finds it.
+veth name (for Weave's ``vethwepl<pid>``, that process's namespace) picks the candidate;
+asking the kernel for that candidate's nsid (RTM_GETNSID) confirms it, and if the name
+does not decode, the nsid alone finds it.
 
 Functions are synchronous; the daemon calls them via ``trio.to_thread``. Every function
 takes ``netns``: the *host* namespace where the bridge lives (None: the caller's own).
