@@ -146,8 +146,9 @@ def scan_bridge(bridge: str) -> list[PortAddresses]:
     """The containers on `bridge` and their addresses, read from the kernel (blocking).
 
     Uses `router.containers.list_attached`: each `vethwepl*` port of the bridge, its
-    peer's namespace (found by the nsfs inode in the veth's name, confirmed by the
-    link-netnsid) and the addresses on the peer end there.
+    peer's namespace (found by the nsfs inode in the veth's name, or for a container Weave
+    Net attached by the PID in it, confirmed by the link-netnsid) and the addresses on the
+    peer end there. Weave's containers are thus claimed under their namespace like ours.
     """
     from router.containers import list_attached
 

@@ -220,9 +220,31 @@ def _ensure_bridge(name: str, mtu: int, mac: str | None, ageing_time: int) -> Br
         link = ipr.get_links(index)[0]
         info = BridgeInfo(name=name, index=index, mtu=link.get_attr("IFLA_MTU"),
                           mac=link.get_attr("IFLA_ADDRESS"), created=created)
+        if not created:
+            _warn_port_mtus(ipr, info)
     log.info("%s bridge %s (index %d, mtu %d, mac %s)", "created" if created else "adopted", name,
              info.index, info.mtu, info.mac)
     return info
+
+
+def _warn_port_mtus(ipr: IPRoute, info: BridgeInfo) -> None:
+    """Say so when an adopted bridge's containers were made for another MTU.
+
+    A bridge Weave Net made may carry containers with the MTU Weave ran with (WEAVE_MTU, often
+    larger for fastdp). Their frames larger than ours would be dropped at the tunnel port
+    without a word; changing a running container's MTU is not ours to do, so the operator is
+    told which MTU to launch with.
+    """
+    other: dict[int, list[str]] = {}
+    for link in ipr.get_links():
+        port = link.get_attr("IFLA_IFNAME")
+        if (link.get_attr("IFLA_MASTER") == info.index and port.startswith(CONTAINER_VETH_PREFIX)
+                and link.get_attr("IFLA_MTU") != info.mtu):
+            other.setdefault(link.get_attr("IFLA_MTU"), []).append(port)
+    for mtu, ports in sorted(other.items()):
+        log.warning("bridge %s has MTU %d, but %d container veth(s) on it have MTU %d (%s): their larger "
+                    "frames would be lost; launch with --mtu %d to keep them as they were made",
+                    info.name, info.mtu, len(ports), mtu, ", ".join(sorted(ports)[:5]), mtu)
 
 
 def ensure_bridge(name: str = DEFAULT_BRIDGE, mtu: int = DEFAULT_MTU, *, mac: str | None = None,

@@ -12,14 +12,20 @@ stable for the container's life whichever spec names it, and within IFNAMSIZ. Th
 container end is created directly inside the namespace under its final name (``ethwe``),
 so a name clash there fails before anything is half made.
 
+Containers Weave Net attached are adopted as they are: their host end is ``vethwepl<pid>``
+(Weave names it by the container's PID), their container end ``ethwe``. Listing finds
+them by link-netnsid, and attach and detach find a container's veth by the same id when
+there is none under our name, so they work on Weave's veths without renaming them.
+
 Finding containers again from the host (:func:`list_attached`): each host veth on the
 bridge reports the peer's namespace as a link-netnsid, which only means something inside
 the host namespace. Candidate namespace files are gathered from nsfs bind mounts in
 ``/proc/self/mountinfo`` (``ip netns`` names, Docker and CNI paths alike) and from
 ``/proc/*/ns/net`` (namespaces only processes hold), falling back to open file
 descriptors in ``/proc/*/fd`` (namespaces only an fd holds). The inode encoded in the
-veth name picks the candidate; asking the kernel for that candidate's nsid (RTM_GETNSID)
-confirms it, and if the name does not decode, the nsid alone finds it.
+veth name (for Weave's ``vethwepl<pid>``, that process's namespace) picks the candidate;
+asking the kernel for that candidate's nsid (RTM_GETNSID) confirms it, and if the name
+does not decode, the nsid alone finds it.
 
 Functions are synchronous; the daemon calls them via ``trio.to_thread``. Every function
 takes ``netns``: the *host* namespace where the bridge lives (None: the caller's own).
@@ -66,6 +72,7 @@ CLONE_NEWNET = 0x40000000
 _NAME_DIGITS = 7
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _HOST_VETH_RE = re.compile(rf"^{CONTAINER_VETH_PREFIX}[0-9a-z]{{{_NAME_DIGITS}}}$")
+_WEAVE_VETH_RE = re.compile(rf"^{CONTAINER_VETH_PREFIX}([1-9][0-9]{{0,6}})$")  # Weave Net's: vethwepl<pid>
 # Weave's CNI plugin tunes the container's ARP cache so a MAC that moved is noticed fast.
 _ARP_TUNING = {"base_reachable_time_ms": "5000", "delay_first_probe_time": "2", "ucast_solicit": "1"}
 IPv4Addrs = Iterable[ipaddress.IPv4Interface | str]
@@ -329,12 +336,24 @@ def _peer_nsid(ipr: Any, ns: ContainerNetns) -> int | None:
 
 
 def _existing_veth(ipr: Any, name: str, ns: ContainerNetns) -> Any | None:
-    """Our host veth for `ns`, or None; ContainerError if the name is taken by something else."""
+    """The host veth leading into `ns`, or None; ContainerError if `name` is taken by something else.
+
+    Ours is called `name`. A container Weave Net attached has a host end named by a PID
+    (``vethwepl<pid>``) that no inode gives back, so without ours the ``vethwepl*`` veths
+    whose peer lives in `ns` are looked at: that one is adopted, not doubled.
+    """
     link = _link_by_name(ipr, name)
+    nsid = _peer_nsid(ipr, ns)
     if link is None:
+        if nsid is None:  # no veth of the host leads into a namespace the host has no id for
+            return None
+        for other in ipr.get_links():
+            if (_link_kind(other) == "veth" and other.get_attr("IFLA_LINK_NETNSID") == nsid
+                    and other.get_attr("IFLA_IFNAME").startswith(CONTAINER_VETH_PREFIX)):
+                return other
         return None
-    nsid = link.get_attr("IFLA_LINK_NETNSID")
-    if _link_kind(link) != "veth" or nsid is None or nsid != _peer_nsid(ipr, ns):
+    peer = link.get_attr("IFLA_LINK_NETNSID")
+    if _link_kind(link) != "veth" or peer is None or peer != nsid:
         raise ContainerError(f"host interface {name} exists but does not lead into container {ns.container} "
                              "(left over from something else? remove it or run weave reset)")
     return link
@@ -369,6 +388,7 @@ def _attach_host(ns: ContainerNetns, cidrs: list[ipaddress.IPv4Interface], bridg
                 link = _link_by_name(ipr, name)
                 if link is None:
                     raise ContainerError(f"veth {name} vanished while attaching {ns.container}")
+            name = link.get_attr("IFLA_IFNAME")  # Weave's own name, for a container Weave attached
             index = link["index"]
             peer_index = link.get_attr("IFLA_LINK")
             if link.get_attr("IFLA_MTU") != mtu:
@@ -439,6 +459,7 @@ def _detach_host(ns: ContainerNetns, cidrs: list[ipaddress.IPv4Interface] | None
         link = _existing_veth(ipr, name, ns)
         if link is None:
             return Detachment(ns.container, name, (), False)
+        name = link.get_attr("IFLA_IFNAME")
         removed: list[ipaddress.IPv4Interface] = []
         left = 0
         if cidrs is not None:
@@ -554,6 +575,18 @@ def _list_host(bridge: str) -> list[tuple[str, int, int, int | None]]:
         return out
 
 
+def _name_hint(name: str) -> int | None:
+    """The nsfs inode a host veth's name points at: ours encode it; Weave's (``vethwepl<pid>``)
+    name a process whose namespace it probably is. The link-netnsid confirms either."""
+    m = _WEAVE_VETH_RE.match(name)
+    if m is not None:
+        try:
+            return os.stat(f"/proc/{int(m.group(1))}/ns/net").st_ino
+        except OSError:
+            pass
+    return _inode_from_name(name)
+
+
 def _nsids(paths: Iterable[str]) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
     with _iproute() as ipr:
@@ -583,7 +616,7 @@ def list_attached(bridge: str = DEFAULT_BRIDGE, *, netns: NetnsArg = None) -> li
         return []
     candidates = _candidate_paths()
     by_name = {name: candidates[ino][0] for name, *_ in ports
-               if (ino := _inode_from_name(name)) is not None and ino in candidates}
+               if (ino := _name_hint(name)) is not None and ino in candidates}
     nsid_of = run_in_netns(netns, _nsids, set(by_name.values()))
     by_nsid: dict[int, str] | None = None
     result: list[Attachment] = []

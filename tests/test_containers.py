@@ -359,3 +359,96 @@ def test_list_attached_finds_a_namespace_only_an_fd_holds(host: Host,
         assert (found.host_ifname, found.mac, found.addresses) == (att.host_ifname, att.mac, att.addresses)
     finally:
         os.close(fd)
+
+
+# --- containers Weave Net attached (adopted in place) --------------------------------------
+
+
+def weave_attached(host: Host, pid: int, *cidrs: str, mtu: int = 1376) -> str:
+    """Plug the namespace of process `pid` into the bridge as Weave Net does: host end
+    ``vethwepl<pid>`` with hairpin on, container end ``ethwe``, both MTU `mtu`, TX checksum
+    offload off (sleeve mode). Returns the host end's name."""
+    veth = f"vethwepl{pid}"
+    host.run(["ip", "link", "add", veth, "mtu", str(mtu), "type", "veth",
+              "peer", "name", "ethwe", "mtu", str(mtu), "netns", str(pid)])
+    host.run(["ip", "link", "set", veth, "master", "weave", "up"])
+    host.run(["ip", "link", "set", veth, "type", "bridge_slave", "hairpin", "on"])
+    inside = ["nsenter", f"--net=/proc/{pid}/ns/net"]
+    for cidr in cidrs:
+        subprocess.run([*inside, "ip", "addr", "add", cidr, "dev", "ethwe"], check=True)
+    subprocess.run([*inside, "ip", "link", "set", "ethwe", "up"], check=True)
+    br.set_tx_checksum(veth, False, netns=host.netns)
+    br.set_tx_checksum("ethwe", False, netns=f"/proc/{pid}/ns/net")
+    return veth
+
+
+def test_weave_attached_container_is_listed(host: Host, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    anon = spawn(["unshare", "-n", "sleep", "30"])
+    wait_sleeping(anon)
+    veth = weave_attached(host, anon.pid, "10.40.0.1/16")
+    (att,) = ct.list_attached(netns=host.netns)
+    assert (att.container, att.host_ifname, att.ifname) == (f"/proc/{anon.pid}/ns/net", veth, "ethwe")
+    assert att.addresses == (ipaddress.IPv4Interface("10.40.0.1/16"),)
+
+
+def test_listing_weave_attached_containers_needs_no_fd_scan(
+        host: Host, spawn: Callable[..., subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PID in Weave's veth name leads to the namespace; scanning every process's fds
+    (the last resort) would be paid on every listing of a host that ran Weave."""
+    anon = spawn(["unshare", "-n", "sleep", "30"])
+    wait_sleeping(anon)
+    weave_attached(host, anon.pid, "10.40.0.1/16")
+    scans: list[bool] = []
+    real = ct._candidate_paths
+
+    def counting(with_fds: bool = False) -> dict[int, list[str]]:
+        scans.append(with_fds)
+        return real(with_fds)
+
+    monkeypatch.setattr(ct, "_candidate_paths", counting)
+    (att,) = ct.list_attached(netns=host.netns)
+    assert att.container == f"/proc/{anon.pid}/ns/net" and scans == [False]
+
+
+def test_detach_a_weave_attached_container(host: Host, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """detach finds Weave's veth (named by PID, not by our inode scheme) and removes it."""
+    anon = spawn(["unshare", "-n", "sleep", "30"])
+    wait_sleeping(anon)
+    veth = weave_attached(host, anon.pid, "10.40.0.1/16", "10.40.0.9/16")
+    d = ct.detach(anon.pid, ["10.40.0.9/16"], netns=host.netns)
+    assert d == Detachment(f"/proc/{anon.pid}/ns/net", veth, (ipaddress.IPv4Interface("10.40.0.9/16"),), False)
+    d = ct.detach(anon.pid, netns=host.netns)
+    assert d == Detachment(f"/proc/{anon.pid}/ns/net", veth, (ipaddress.IPv4Interface("10.40.0.1/16"),), True)
+    assert host_veths(host) == set()
+
+
+def test_attach_to_a_weave_attached_container(host: Host, spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """attach adds to Weave's interface instead of failing on the existing ethwe."""
+    anon = spawn(["unshare", "-n", "sleep", "30"])
+    wait_sleeping(anon)
+    veth = weave_attached(host, anon.pid, "10.40.0.1/16")
+    att = ct.attach(anon.pid, ["10.40.0.2/16"], netns=host.netns)
+    assert att.host_ifname == veth and host_veths(host) == {veth}
+    assert att.addresses == tuple(ipaddress.IPv4Interface(f"10.40.0.{i}/16") for i in (1, 2))
+    assert ct.list_attached(netns=host.netns) == [att]
+    # Weave's MTU on the container stays as Weave set it when it matches the bridge's.
+    assert links(host.netns)[veth]["mtu"] == 1376
+
+
+def test_adopting_a_bridge_warns_of_container_mtus(module_testbed: Testbed,
+                                                  spawn: Callable[..., subprocess.Popen[bytes]],
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Containers Weave made with a larger WEAVE_MTU would lose their big frames in silence."""
+    h = module_testbed.add_host()
+    h.run(["ip", "link", "add", "weave", "mtu", "8916", "type", "bridge"])
+    anon = spawn(["unshare", "-n", "sleep", "30"])
+    wait_sleeping(anon)
+    weave_attached(h, anon.pid, "10.40.0.1/16", mtu=8916)
+    with caplog.at_level("WARNING", logger="router.bridge"):
+        assert br.ensure_bridge(netns=h.netns).mtu == 1376
+    assert f"1 container veth(s) on it have MTU 8916 (vethwepl{anon.pid})" in caplog.text
+    assert "--mtu 8916" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="router.bridge"):
+        br.ensure_bridge(mtu=8916, netns=h.netns)
+    assert caplog.text == ""

@@ -111,9 +111,11 @@ def dns_routes(service: DnsService) -> list[Route]:
     async def get_dns_address_port(request: Request) -> Response:
         return PlainTextResponse(service.dns_address_port)
 
+    # A container named by its netns path (a process's or Docker's: every container Weave
+    # attached that pyweave adopts) has slashes in its ident.
     return [
-        Route("/name/{container}/{ip}", guarded(put_name), methods=["PUT"]),
-        Route("/name/{container}/{ip}", guarded(delete_name), methods=["DELETE"]),
+        Route("/name/{container:path}/{ip}", guarded(put_name), methods=["PUT"]),
+        Route("/name/{container:path}/{ip}", guarded(delete_name), methods=["DELETE"]),
         Route("/name/{container}", guarded(delete_name), methods=["DELETE"]),
         Route("/name", guarded(delete_name), methods=["DELETE"]),
         Route("/name", guarded(get_names), methods=["GET"]),
