@@ -316,9 +316,8 @@ class GobFrameCodec(_SessionCodec):
     """Protocol v1: every message is one gob ``[]byte`` value, sealed when encrypted.
 
     The incoming stream lasts the whole connection; ``decoder`` is its decoder so far
-    (the handshake's, holding the definitions it read), or ``definitions`` are the
-    definition messages already seen on it. Each definition is parsed once, when it
-    arrives, within the bounds of `v1_stream_decoder`.
+    (the handshake's, holding the definitions it read). Each definition is parsed once,
+    when it arrives, within the bounds of `v1_stream_decoder`.
     """
 
     version = 1
@@ -328,16 +327,12 @@ class GobFrameCodec(_SessionCodec):
         session_key: bytes | None = None,
         outbound: bool = False,
         *,
-        definitions: bytes = b"",
         decoder: Decoder | None = None,
         max_message_size: int = MAX_FRAME_SIZE,
     ) -> None:
         super().__init__(session_key, outbound)
         self._splitter = GobMessageSplitter(max_message_size)
         self._decoder = decoder if decoder is not None else v1_stream_decoder()
-        if definitions:
-            self._decoder.feed(definitions)
-            self._decoder.consume_definitions()
 
     @property
     def definition_count(self) -> int:

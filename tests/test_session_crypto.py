@@ -25,6 +25,7 @@ from router.session_crypto import (
     derive_session_key,
     tcp_nonce,
     udp_nonce,
+    v1_stream_decoder,
 )
 from tests.gobflood import FIRST_ID, definition_flood, slice_definition, wide_struct_definition
 
@@ -226,7 +227,10 @@ def test_v1_keeps_definitions_of_the_stream() -> None:
     defs_and_map = encode({"a": "b"}, STRING_MAP)
     splitter = GobMessageSplitter()
     definition = splitter.feed(defs_and_map)[0]
-    codec = GobFrameCodec(definitions=definition)
+    decoder = v1_stream_decoder()  # as the handshake hands it over, holding the definition
+    decoder.feed(definition)
+    decoder.consume_definitions()
+    codec = GobFrameCodec(decoder=decoder)
     assert codec.feed(encode(b"hi", BYTES)) == [b"hi"]
     late = GobFrameCodec()
     assert late.feed(definition + encode(b"yo", BYTES)) == [b"yo"]
