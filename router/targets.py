@@ -174,10 +174,10 @@ def normalise_address(text: str, default_port: int = DEFAULT_PORT) -> PeerAddres
                 port_text = None
         if port_text is None:
             port = default_port
-        elif not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
-            raise ValueError("port must be a number in 1..65535")
-        else:
+        elif _PORT.fullmatch(port_text):
             port = int(port_text)
+        else:
+            raise ValueError("port must be a number in 1..65535")
         if not 0 < port < 65536:
             raise ValueError("port must be a number in 1..65535")
         host = _host(host_text, bracketed)
