@@ -216,36 +216,38 @@ def encode_frame(dst_mac: bytes, src_mac: bytes, msg: ProbeMessage, key: bytes,
     return body + _mac(key, body)
 
 
-def frame_sender(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
-    """The (sender, ConnUID) a probe frame claims, to look up the key that proves it.
-    Unproven until :func:`decode_frame` verified the MAC. Raises WireError if the frame is
-    not a probe frame of this version."""
+_Fields = tuple[bytes, int, int, int, bytes, int, int, int]  # _PAYLOAD, unpacked
+
+
+def _header(frame: bytes | bytearray | memoryview) -> tuple[bytes, bytes, _Fields]:
+    """(dst MAC, src MAC, payload fields) of a frame that is a probe frame of this
+    version as far as its fixed header shows; WireError otherwise."""
     if len(frame) < MIN_FRAME:
         raise WireError(f"probe frame too short: {len(frame)} bytes, need at least {MIN_FRAME}")
-    _, _, ethertype = _ETH.unpack_from(frame, 0)
+    dst, src, ethertype = _ETH.unpack_from(frame, 0)
     if ethertype != ETHERTYPE:
         raise WireError(f"not a probe frame: ethertype {ethertype:#06x}")
-    magic, version, _, _, sender, conn_uid, _, _ = _PAYLOAD.unpack_from(frame, ETH_HEADER)
+    fields: _Fields = _PAYLOAD.unpack_from(frame, ETH_HEADER)
+    magic, version = fields[0], fields[1]
     if magic != MAGIC:
         raise WireError(f"bad probe magic {magic!r}")
     if version != VERSION:
         raise WireError(f"unsupported probe version {version}")
+    return dst, src, fields
+
+
+def frame_sender(frame: bytes | bytearray | memoryview) -> tuple[int, int]:
+    """The (sender, ConnUID) a probe frame claims, to look up the key that proves it.
+    Unproven until :func:`decode_frame` verified the MAC. Raises WireError if the frame is
+    not a probe frame of this version."""
+    _, _, (_, _, _, _, sender, conn_uid, _, _) = _header(frame)
     return int.from_bytes(sender, "big"), conn_uid
 
 
 def decode_frame(frame: bytes | bytearray | memoryview, key: bytes) -> ProbeFrame:
     """Parse an inner probe frame and check its MAC under `key`. Raises ProbeAuthError if
     the MAC is wrong, WireError if it is not a well-formed probe frame."""
-    if len(frame) < MIN_FRAME:
-        raise WireError(f"probe frame too short: {len(frame)} bytes, need at least {MIN_FRAME}")
-    dst, src, ethertype = _ETH.unpack_from(frame, 0)
-    if ethertype != ETHERTYPE:
-        raise WireError(f"not a probe frame: ethertype {ethertype:#06x}")
-    magic, version, kind, frame_len, sender, conn_uid, seq, ts = _PAYLOAD.unpack_from(frame, ETH_HEADER)
-    if magic != MAGIC:
-        raise WireError(f"bad probe magic {magic!r}")
-    if version != VERSION:
-        raise WireError(f"unsupported probe version {version}")
+    dst, src, (_, _, kind, frame_len, sender, conn_uid, seq, ts) = _header(frame)
     try:
         probe_kind = ProbeKind(kind)
     except ValueError:

@@ -238,7 +238,7 @@ CONTROL_REASONS = frozenset({CONTROL_SHORT, CONTROL_BAD_FORWARDER, CONTROL_BARE_
                              CONTROL_BAD_SUBTAG, CONTROL_BAD_LENGTH, CONTROL_NOT_CONTROL})
 
 _SUBTAGS: dict[str, frozenset[int]] = {
-    SLEEVE_OVERLAY: frozenset(int(t) for t in SleeveControl),
+    SLEEVE_OVERLAY: SLEEVE_CONTROL_TAGS,
     VXLAN_OVERLAY: frozenset(int(t) for t in VxlanControl),
 }
 # Data lengths Weave's sleeve sends (nil, nil, a uint16); anything else is not a Weave message.
