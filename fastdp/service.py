@@ -27,7 +27,6 @@ import dataclasses
 import ipaddress
 import logging
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -66,7 +65,7 @@ KERNEL_RETRY = 1.0  # seconds before a failed FDB change is tried again
 # How long after a peer's entry went we still look for MACs the kernel learned behind it.
 SWEEP_GRACE = 10.0
 _KERNEL_ERRORS = (OSError, NetlinkError, vxlan.VxlanError)
-_NO_NFT = "nft is not installed"
+_NO_NFT = srcfilter.NFT_MISSING  # the filter error after which nft is not tried again
 
 
 @dataclass(frozen=True)
@@ -326,8 +325,6 @@ class FastdpService:
         if self._filter_error == _NO_NFT:
             return
         try:
-            if shutil.which("nft") is None:
-                raise srcfilter.FilterError(_NO_NFT)
             srcfilter.apply(ips, self.port, self.netns)
         except srcfilter.FilterError as e:
             self.stats["kernel_errors"] += 1

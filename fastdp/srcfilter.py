@@ -38,6 +38,9 @@ class FilterError(RuntimeError):
     """nft failed (or is missing); the message says why."""
 
 
+NFT_MISSING = "nft is not installed"  # FilterError's message when there is no nft to run
+
+
 def script(peer_ips: Iterable[str], port: int = DEFAULT_PORT) -> str:
     """The nft script that (re)creates the table for `peer_ips`."""
     ips = sorted({str(ipaddress.IPv4Address(ip)) for ip in peer_ips}, key=ipaddress.IPv4Address)
@@ -64,6 +67,8 @@ def _nft(args: list[str], stdin: str | None, netns: str | None) -> subprocess.Co
         with netns_context(netns):
             return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True,
                                   timeout=_TIMEOUT)
+    except FileNotFoundError:
+        raise FilterError(NFT_MISSING) from None
     except (OSError, subprocess.TimeoutExpired) as e:
         raise FilterError(f"nft: {e}") from None
 
