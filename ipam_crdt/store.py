@@ -31,12 +31,11 @@ from ipam_crdt.ring import Ring
 from ipam_crdt.weavedb import WeaveDBError, WeaveState, parse_weave_db
 from ipam_crdt.wire import RingData, decode_ring, encode_ring
 from router.errors import WireError
-from router.peername import format_peer_name, parse_peer_name
+from router.peername import PEERNAME_FILE, format_peer_name, read_peer_name_file, write_peer_name_file
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "ipam.sqlite3"
-PEERNAME_FILE = "peername"
 # meta key: the sha256 of the Weave file this store was made from, so a relaunch with the
 # same --migrate-from-weave is recognised and does nothing.
 IMPORT_KEY = "weave_import"
@@ -461,7 +460,7 @@ def import_weave_state(
                     f"from Weave as {weave_name}"
                 )
             if have_name is None:
-                _write_peer_name_file(name_file, state.peer_name)
+                write_peer_name_file(name_file, state.peer_name)
             log.info("%s already holds the state imported from this Weave database; nothing to do", directory)
             return MigrationResult(state.peer_name, False, len(state.owned))
         if marked is not None:
@@ -477,7 +476,7 @@ def import_weave_state(
         store.import_state(state.peer_name, state.ring, owned, marker)
     finally:
         store.close()
-    _write_peer_name_file(name_file, state.peer_name)
+    write_peer_name_file(name_file, state.peer_name)
     log.info(
         "imported Weave's state into %s: peer name %s, %d idents with addresses",
         directory, weave_name, len(state.owned),
@@ -500,21 +499,8 @@ def migrate_from_weave(
 
 def _read_peer_name_file(path: Path) -> int | None:
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
+        return read_peer_name_file(path)
     except OSError as exc:
         raise MigrationError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        return parse_peer_name(text.strip())
     except WireError:
         raise MigrationError(f"{path} holds no peer name; move it away to import Weave's") from None
-
-
-def _write_peer_name_file(path: Path, name: int) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        f.write(format_peer_name(name) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

@@ -14,7 +14,13 @@ from ipam_crdt.address import CIDR
 from ipam_crdt.errors import IPAMError
 from ipam_crdt.store import migrate_from_weave
 from router.errors import WireError
-from router.peername import format_peer_name, parse_peer_name, random_peer_name
+from router.peername import (
+    PEERNAME_FILE,
+    parse_peer_name,
+    random_peer_name,
+    read_peer_name_file,
+    write_peer_name_file,
+)
 from router.targets import normalise_address
 
 log = logging.getLogger(__name__)
@@ -212,29 +218,22 @@ def _migrate(source: Path, directory: Path, ipalloc_range: str, name: int | None
     """Import Weave's state (once; a relaunch with the same file does nothing)."""
     try:
         universe = CIDR.parse_subnet(ipalloc_range).range() if ipalloc_range else None
-        result = migrate_from_weave(source, directory, universe=universe, name=name)
+        migrate_from_weave(source, directory, universe=universe, name=name)  # it logs what it did
     except IPAMError as exc:
         raise ConfigError(f"{MIGRATE_FLAG}: {exc}") from None
-    if result.imported:
-        log.info("imported Weave Net's state from %s: peer name %s, %d addresses owned", source,
-                 format_peer_name(result.peer_name), result.owned)
-    else:
-        log.debug("Weave Net's state from %s was imported before (peer name %s)", source,
-                  format_peer_name(result.peer_name))
 
 
 def load_or_create_name(directory: Path) -> int:
     """The peer name persisted in the state directory, made on first launch."""
-    path = directory / "peername"
+    path = directory / PEERNAME_FILE
     try:
-        return parse_peer_name(path.read_text().strip())
-    except FileNotFoundError:
-        pass
+        name = read_peer_name_file(path)
     except WireError:
         log.warning("ignoring unreadable peer name in %s; making a new one", path)
+        name = None
+    if name is not None:
+        return name
     name = random_peer_name()
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(format_peer_name(name) + "\n")
-    tmp.replace(path)
+    write_peer_name_file(path, name)
     return name

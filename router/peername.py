@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+from pathlib import Path
 
 from router.errors import WireError
 
@@ -46,3 +48,28 @@ def random_peer_name() -> int:
     """A random locally-administered unicast MAC, as Weave picks for a new peer."""
     first = (secrets.randbits(8) | 0x02) & 0xFE
     return (first << 40) | secrets.randbits(40)
+
+
+# The state directory's file that keeps the router's peer name across restarts.
+PEERNAME_FILE = "peername"
+
+
+def read_peer_name_file(path: Path) -> int | None:
+    """The peer name in `path`; None if there is no such file. WireError if it holds none,
+    OSError if it cannot be read."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    return parse_peer_name(text.strip())
+
+
+def write_peer_name_file(path: Path, name: int) -> None:
+    """Write `name` to `path` atomically and durably: a host that loses its name comes back
+    as a stranger."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        f.write(format_peer_name(name) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
