@@ -123,8 +123,10 @@ def reclaim_into(config: AllocatorConfig, ports: Sequence[PortAddresses]) -> Rec
             "claiming its %d addresses under our name",
             peer_str(name), peer_str(config.our_name), sum(len(d.cidrs) for d in persisted.values()),
         )
-    for ident, cidr in plan.superseded:
-        log.warning("IPAM database gives %s to %s, but another container uses it on this host", cidr, ident)
+        # Under our own name the allocator forgets these entries itself, and says so.
+        for ident, cidr in plan.superseded:
+            log.warning("IPAM database gives %s to %s, but another container uses it on this host",
+                        cidr, ident)
     if plan.claims:
         log.info(
             "IPAM: reclaiming %d addresses in use on this host (%d containers on the bridge)",
