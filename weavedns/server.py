@@ -321,8 +321,7 @@ class DNSServer:
             return
         try:
             with conn.scope:
-                async with stream:
-                    await self._tcp_serve(stream, conn)
+                await self._tcp_serve(stream, conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception as exc:  # a bug: it ends this connection, never the listener
