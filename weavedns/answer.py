@@ -342,7 +342,7 @@ class AnswerEngine:
     def _reject(self, query: bytes, bad: BadQuery, source: object) -> bytes | None:
         """Count and log (rate-limited) a refused query; its error reply, or None."""
         level = logging.INFO if bad.rcode is None else logging.WARNING
-        what = _RCODE_NAMES.get(bad.rcode, "dropped") if bad.rcode is not None else "dropped"
+        what = "dropped" if bad.rcode is None else _RCODE_NAMES.get(bad.rcode, "dropped")
         ratelog.reject(log, "dns", bad.reason, "DNS query from %s: %s (%s)", source or "?", what, bad.detail,
                        level=level)
         if bad.rcode is None:
