@@ -607,31 +607,19 @@ def fake_weave_main() -> None:
     heartbeat, acks of its fragmentation test and PMTU probes, all framed as Weave frames
     them), prints every control message the router sends (``ctl HEX``), sends MALFORMED
     once it is acked, and prints ``done``."""
-    import secrets
     import select
     import socket
     import struct
     import sys
     import time
 
-    from router.handshake import Handshake, PeerIdentity
-    from router.peername import random_peer_name
     from router.protocol import encode_message
     from sleeve.wire import FRAG_TEST_FRAME_LEN, encode_packet, heartbeat_frame
+    from tests.attacks.evil_peer import connect
 
     router_ip = sys.argv[1]
-    name = random_peer_name()
-    tcp = socket.create_connection((router_ip, 6783), timeout=10)
-    hs = Handshake(outbound=True, local=PeerIdentity(name, "fake-weave", secrets.randbits(63) + 1, 77),
-                   conn_id=secrets.randbits(64), overlays=("fastdp", "sleeve"))
-    tcp.sendall(hs.initiate())
-    while not hs.complete:
-        data = tcp.recv(65536)
-        if not data:
-            raise SystemExit("router closed the connection during the handshake")
-        out = hs.receive_data(data)
-        if out:
-            tcp.sendall(out)
+    session = connect(router_ip, 6783, "fake-weave", overlays=("fastdp", "sleeve"), short_id=77)
+    tcp, hs, name = session.sock, session.hs, session.name
     assert hs.remote is not None and hs.codec is not None
     router = hs.remote.name
     print("connected", flush=True)

@@ -37,7 +37,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from router.handshake import Handshake, PeerIdentity
@@ -108,12 +108,15 @@ class Session:
 
 
 def connect(router: str, port: int, nickname: str, name: int | None = None, max_version: int = 2,
-            password: bytes | None = None) -> Session:
+            password: bytes | None = None, overlays: Sequence[str] = ("sleeve",),
+            short_id: int | None = None) -> Session:
+    """Dial the router and complete the handshake (SystemExit if the router hangs up)."""
     name = name if name is not None else random_peer_name()
     uid = secrets.randbits(63) + 1
     sock = socket.create_connection((router, port), timeout=10)
-    hs = Handshake(outbound=True, local=PeerIdentity(name, nickname, uid), conn_id=secrets.randbits(64),
-                   overlays=("sleeve",), max_version=max_version, password=password)
+    hs = Handshake(outbound=True, local=PeerIdentity(name, nickname, uid, short_id),
+                   conn_id=secrets.randbits(64), overlays=tuple(overlays), max_version=max_version,
+                   password=password)
     sock.sendall(hs.initiate())
     while not hs.complete:
         data = sock.recv(65536)
