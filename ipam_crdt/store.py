@@ -11,6 +11,7 @@ network.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -18,7 +19,7 @@ import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -238,18 +239,24 @@ class SqliteStore:
                 f"IPAM database {self.path} has schema version {row[0]}, this program uses {SCHEMA_VERSION}"
             )
 
-    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: committed if the block ends, rolled back if it raises."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
+                yield
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write IPAM database {self.path}: {exc}") from None
+
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        with self._transaction():
+            for sql, args in statements:
+                self._db.execute(sql, args)
 
     def load(self, our_name: int, universe: Range) -> Persisted | None:
         try:
@@ -328,33 +335,23 @@ class SqliteStore:
         The emptiness check runs inside the transaction, so a router starting meanwhile
         cannot interleave its own first writes with the import.
         """
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                held = self._db.execute(
-                    "SELECT (SELECT count(*) FROM meta WHERE key IN ('peername', 'ring', ?))"
-                    " + (SELECT count(*) FROM owned)",
-                    (IMPORT_KEY,),
-                ).fetchone()[0]
-                if held:
-                    raise MigrationError(
-                        f"IPAM database {self.path} already holds state; not importing over it"
-                    )
-                self._db.execute("INSERT INTO meta VALUES ('peername', ?)", (str(our_name),))
-                if ring is not None:
-                    self._db.execute("INSERT INTO meta VALUES ('ring', ?)", (encode_ring(RingData.of(ring)),))
-                for ident, data in owned.items():
-                    self._db.execute(
-                        "INSERT INTO owned VALUES (?, ?, ?)",
-                        (ident, int(data.is_container), ",".join(str(c) for c in data.cidrs)),
-                    )
-                self._db.execute("INSERT INTO meta VALUES (?, ?)", (IMPORT_KEY, marker))
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot write IPAM database {self.path}: {exc}") from None
+        with self._transaction():
+            held = self._db.execute(
+                "SELECT (SELECT count(*) FROM meta WHERE key IN ('peername', 'ring', ?))"
+                " + (SELECT count(*) FROM owned)",
+                (IMPORT_KEY,),
+            ).fetchone()[0]
+            if held:
+                raise MigrationError(f"IPAM database {self.path} already holds state; not importing over it")
+            self._db.execute("INSERT INTO meta VALUES ('peername', ?)", (str(our_name),))
+            if ring is not None:
+                self._db.execute("INSERT INTO meta VALUES ('ring', ?)", (encode_ring(RingData.of(ring)),))
+            for ident, data in owned.items():
+                self._db.execute(
+                    "INSERT INTO owned VALUES (?, ?, ?)",
+                    (ident, int(data.is_container), ",".join(str(c) for c in data.cidrs)),
+                )
+            self._db.execute("INSERT INTO meta VALUES (?, ?)", (IMPORT_KEY, marker))
 
     def owned_snapshot(self) -> Mapping[str, OwnedData]:
         rows = self._db.execute("SELECT ident, is_container, cidrs FROM owned ORDER BY rowid").fetchall()
